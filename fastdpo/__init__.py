@@ -1,0 +1,5 @@
+"""fastdpo: fused Triton kernels for Direct Preference Optimization."""
+from .logps import sequence_logps, sequence_logps_from_logits
+
+__version__ = "0.1.0"
+__all__ = ["sequence_logps", "sequence_logps_from_logits", "__version__"]

@@ -1,0 +1,164 @@
+"""The chunked PyTorch path: same semantics as the Triton kernels, no [N, V] tensor.
+
+Valid tokens are processed ``rows`` at a time; one ``[rows, V]`` buffer is
+reused for every chunk, so extra memory is O(rows * V + V * D) whatever the
+sequence length. Everything runs in float32 (float64 for float64 input).
+
+Notation (shared with ``kernels/``): logit l = h.w + b, transformed logit
+z = f(l), p = softmax(z), logp = z_y - lse(z), and for the backward
+    d logp / d l_v = alpha * (onehot_v - p_v) * k_v,
+with alpha = logit_scale / temperature and k = 1 - tanh^2 (k = 1 without softcap).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._params import LogpsParams
+
+CHUNK_BYTES = 64 << 20  # one [rows, V] fp32 buffer: large GEMMs, small footprint
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(n: int, vocab: int, itemsize: int) -> int:
+    return max(1, min(n, CHUNK_BYTES // (vocab * itemsize)))
+
+
+def _transform_(z: torch.Tensor, p: LogpsParams) -> torch.Tensor:
+    """In place: l -> z = softcap * tanh(l * scale / softcap) / temperature."""
+    if p.softcap is None:
+        if p.alpha != 1.0:
+            z.mul_(p.alpha)
+    else:
+        z.mul_(p.logit_scale / p.softcap).tanh_().mul_(p.softcap / p.temperature)
+    return z
+
+
+def _softcap_slope(z: torch.Tensor, p: LogpsParams, out: torch.Tensor) -> torch.Tensor:
+    """k = dz/dl / alpha = 1 - tanh^2, with tanh = z * temperature / softcap."""
+    return torch.mul(z, p.temperature / p.softcap, out=out).square_().neg_().add_(1.0)
+
+
+def _lse_and_target_(z: torch.Tensor, y: torch.Tensor):
+    """Returns (logp [c], lse [c]) of the rows of z [c, V]; destroys z."""
+    zy = z.gather(1, y[:, None]).squeeze(1)
+    m = z.amax(1)
+    z.sub_(m[:, None]).exp_()
+    lse = m + z.sum(1).log()
+    return zy - lse, lse
+
+
+class _Chunks:
+    """Iterates over valid-token chunks with one reusable [rows, V] buffer."""
+
+    def __init__(self, n: int, vocab: int, dtype: torch.dtype, device, count: int = 1):
+        self.n = n
+        self.rows = _chunk_rows(n, vocab, torch.finfo(dtype).bits // 8)
+        self.bufs = [torch.empty(self.rows, vocab, dtype=dtype, device=device) for _ in range(count)]
+
+    def __iter__(self):
+        for s in range(0, self.n, self.rows):
+            e = min(s + self.rows, self.n)
+            yield slice(s, e), [b[: e - s] for b in self.bufs]
+
+
+def _linear_logits(buf, hc, w, bias, p: LogpsParams) -> torch.Tensor:
+    torch.mm(hc, w.t(), out=buf)                                          # [c, V]
+    if bias is not None:
+        buf.add_(bias)
+    return _transform_(buf, p)
+
+
+def linear_fwd(h, w, bias, idx, y, p: LogpsParams):
+    """h [M, D], w [V, D], idx/y [N] -> (logp [N], lse [N]) for the rows h[idx]."""
+    cdt = compute_dtype(h.dtype)
+    w_c, b_c = w.to(cdt), None if bias is None else bias.to(cdt)
+    n = idx.numel()
+    logp = torch.empty(n, dtype=cdt, device=h.device)
+    lse = torch.empty(n, dtype=cdt, device=h.device)
+    for sl, (buf,) in _Chunks(n, w.shape[0], cdt, h.device):
+        z = _linear_logits(buf, h.index_select(0, idx[sl]).to(cdt), w_c, b_c, p)
+        logp[sl], lse[sl] = _lse_and_target_(z, y[sl])
+    return logp, lse
+
+
+def linear_bwd(h, w, bias, idx, y, lse, g, p: LogpsParams, need_dh, need_dw, need_db):
+    """Gradients of sum_t g_t * logp_t: (dh [M, D] or None, dw [V, D] or None, db [V] or None).
+
+    1. recompute z and M = softmax(z) * k for the chunk           # [c, V]
+    2. dh_t = alpha g_t (k_y w_y - (M @ W)_t)                      # [c, D]
+    3. dW   = scatter_y(alpha g k_y h) - M^T @ (alpha g h)         # [V, D]
+    4. db   = scatter_y(alpha g k_y)   - M^T @ (alpha g)           # [V]
+    """
+    cdt = compute_dtype(h.dtype)
+    w_c, b_c = w.to(cdt), None if bias is None else bias.to(cdt)
+    V = w.shape[0]
+    dh = torch.zeros_like(h) if need_dh else None
+    dw = torch.zeros(V, w.shape[1], dtype=cdt, device=w.device) if need_dw else None
+    db = torch.zeros(V, dtype=cdt, device=w.device) if need_db else None
+    nbuf = 1 if p.softcap is None else 2
+    for sl, bufs in _Chunks(idx.numel(), V, cdt, h.device, count=nbuf):
+        rows, yc = idx[sl], y[sl]
+        hc = h.index_select(0, rows).to(cdt)                               # [c, D]
+        z = _linear_logits(bufs[0], hc, w_c, b_c, p)                       # [c, V]
+        k_y = None
+        if p.softcap is not None:
+            k = _softcap_slope(z, p, bufs[1])
+            k_y = k.gather(1, yc[:, None])                                 # [c, 1]
+        m = z.sub_(lse[sl, None]).exp_()                                   # p = softmax(z)
+        if k_y is not None:
+            m.mul_(k)                                                      # M = p * k
+        ga = (g[sl] * p.alpha)[:, None]                                    # [c, 1]
+        ga_y = ga if k_y is None else ga * k_y
+        if need_dh:
+            w_y = w_c.index_select(0, yc)                                  # [c, D]
+            if k_y is not None:
+                w_y.mul_(k_y)
+            dh_c = w_y.sub_(torch.mm(m, w_c)).mul_(ga)
+            dh.index_copy_(0, rows, dh_c.to(h.dtype))
+        if need_dw:
+            dw.addmm_(m.t(), hc * ga, alpha=-1.0)
+            dw.index_add_(0, yc, hc * ga_y)
+        if need_db:
+            db.addmv_(m.t(), ga.squeeze(1), alpha=-1.0)
+            db.index_add_(0, yc, ga_y.squeeze(1))
+    return (dh,
+            None if dw is None else dw.to(w.dtype),
+            None if db is None else db.to(bias.dtype))
+
+
+def logits_fwd(x, idx, y, p: LogpsParams):
+    """x [M, V] logits -> (logp [N], lse [N]) for the rows x[idx]."""
+    cdt = compute_dtype(x.dtype)
+    n = idx.numel()
+    logp = torch.empty(n, dtype=cdt, device=x.device)
+    lse = torch.empty(n, dtype=cdt, device=x.device)
+    for sl, (buf,) in _Chunks(n, x.shape[1], cdt, x.device):
+        buf.copy_(x.index_select(0, idx[sl]))
+        logp[sl], lse[sl] = _lse_and_target_(_transform_(buf, p), y[sl])
+    return logp, lse
+
+
+def logits_bwd(x, idx, y, lse, g, p: LogpsParams):
+    """d(sum_t g_t logp_t)/dx: the one [M, V] gradient buffer, rows not in idx zero."""
+    cdt = compute_dtype(x.dtype)
+    dx = torch.zeros_like(x)
+    nbuf = 1 if p.softcap is None else 2
+    for sl, bufs in _Chunks(idx.numel(), x.shape[1], cdt, x.device, count=nbuf):
+        z = bufs[0]
+        z.copy_(x.index_select(0, idx[sl]))
+        _transform_(z, p)
+        ga = (g[sl] * p.alpha)[:, None]
+        if p.softcap is not None:
+            k = _softcap_slope(z, p, bufs[1])
+            ga_y = ga * k.gather(1, y[sl, None])
+        else:
+            ga_y = ga
+        z.sub_(lse[sl, None]).exp_()
+        if p.softcap is not None:
+            z.mul_(k)
+        z.mul_(-ga).scatter_add_(1, y[sl, None], ga_y)                    # alpha g (onehot k_y - p k)
+        dx.index_copy_(0, idx[sl], z.to(x.dtype))
+    return dx

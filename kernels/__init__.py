@@ -1,0 +1,20 @@
+"""Triton kernels of fastdpo (installed as ``fastdpo.kernels``).
+
+Naming convention, used in every kernel and launcher here:
+
+- ``N``: valid (scored) tokens, the rows a kernel works on; ``M``: all rows of
+  the flattened input (``B * T``); ``V``: vocabulary; ``D``: hidden size.
+- ``BLOCK_N`` / ``BLOCK_V`` / ``BLOCK_D``: tile sizes along those axes.
+- ``HAS_*`` / ``COMPUTE_*``: feature flags, derived by ``triton.heuristics``
+  from whether the matching pointer (or option) is ``None``; never passed by hand.
+- ``l``: a raw logit ``h . w + b``; ``z``: the transformed logit
+  ``softcap * tanh(l * scale / softcap) / temperature``; ``lse``: logsumexp of z.
+
+Each op has a ``_<op>_fwd_kernel`` / ``_<op>_bwd_kernel`` (``@triton.jit`` only)
+and ``<op>_fwd()`` / ``<op>_bwd()`` launchers (checks, allocation, grid). No
+autograd lives here; see ``fastdpo/logps.py``.
+"""
+from .logits_logps import logits_logps_bwd, logits_logps_fwd
+from .logps import logps_bwd, logps_fwd
+
+__all__ = ["logps_fwd", "logps_bwd", "logits_logps_fwd", "logits_logps_bwd"]

@@ -1,0 +1,229 @@
+"""Fused lm_head + log-softmax + target gather, forward and backward.
+
+Forward, per block of BLOCK_N valid tokens (logits never leave registers):
+  1. z = transform(H @ W^T + b), one [BLOCK_N, BLOCK_V] tile at a time
+  2. online logsumexp: m' = max(m, max_v z); s = s * exp(m - m') + sum_v exp(z - m')
+  3. target logit z_y picked from the tile that holds column y
+  4. logp = z_y - (m + log s)
+Backward, for upstream gradients g [N] (one per token):
+  d logp / d l_v = alpha * (onehot_v - p_v) * k_v,   p = exp(z - lse),
+  alpha = scale / temperature, k = 1 - tanh^2 with softcap (else 1), so
+  dH = dL @ W, dW = dL^T @ H, db = sum_n dL with dL = g * d logp / d l.
+  Each program recomputes its logit tile; (onehot - p) is formed in fp32 and
+  only dL is cast to the input dtype for the two products.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._tile import dot, softcap_slope, transform
+from .config import dot_precision, linear_blocks, upcast_dot
+
+
+@triton.jit
+def _z_tile(h_ptr, w_ptr, bias_ptr, rows, mask_n, offs_v, V, D, stride_h, stride_w,
+            scale, softcap, inv_temp,
+            HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+            DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+            BLOCK_D: tl.constexpr):
+    """Transformed logits z [BLOCK_N, BLOCK_V] in fp32; -inf past V."""
+    mask_v = offs_v < V
+    w_rows = offs_v.to(tl.int64) * stride_w
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        h = tl.load(h_ptr + rows[:, None] * stride_h + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)        # [BN, BD]
+        w = tl.load(w_ptr + w_rows[:, None] + offs_d[None, :],
+                    mask=mask_v[:, None] & mask_d[None, :], other=0.0)        # [BV, BD]
+        acc = dot(h, tl.trans(w), acc, UPCAST, DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    z = transform(acc, scale, softcap, inv_temp, HAS_SOFTCAP)
+    return tl.where(mask_v[None, :], z, float("-inf"))
+
+
+@triton.heuristics({
+    "HAS_BIAS": lambda a: a["bias_ptr"] is not None,
+    "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
+})
+@triton.jit
+def _logps_fwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, logp_ptr, lse_ptr,
+                      N, V, D, stride_h, stride_w, scale, softcap, inv_temp,
+                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=0)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    z_y = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        z = _z_tile(h_ptr, w_ptr, bias_ptr, rows, mask_n, offs_v, V, D, stride_h, stride_w,
+                    scale, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION,
+                    BLOCK_N, BLOCK_V, BLOCK_D)
+        m_new = tl.maximum(m, tl.max(z, 1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m = m_new
+        z_y += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), 1)
+    lse = m + tl.log(s)
+    tl.store(lse_ptr + offs_n, lse, mask=mask_n)
+    tl.store(logp_ptr + offs_n, z_y - lse, mask=mask_n)
+
+
+@triton.jit
+def _add(ptrs, value, mask, ATOMIC: tl.constexpr):
+    """*ptrs += value: atomically, or read-modify-write where the program owns ptrs."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, value, mask=mask)
+    else:
+        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.heuristics({
+    "HAS_BIAS": lambda a: a["bias_ptr"] is not None,
+    "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
+    "COMPUTE_DH": lambda a: a["dh_ptr"] is not None,
+    "COMPUTE_DW": lambda a: a["dw_ptr"] is not None,
+    "COMPUTE_DB": lambda a: a["db_ptr"] is not None,
+    "FILTER": lambda a: a["filter_eps"] > 0,
+    "ATOMIC": lambda a: not (a["LOOP_N"] or a["LOOP_V"]),
+})
+@triton.jit
+def _logps_bwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, lse_ptr, g_ptr,
+                      dh_ptr, dw_ptr, db_ptr,
+                      N, V, D, stride_h, stride_w, scale, softcap, inv_temp, filter_eps,
+                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                      COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+                      FILTER: tl.constexpr, LOOP_N: tl.constexpr, LOOP_V: tl.constexpr,
+                      ATOMIC: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (n-blocks, v-blocks): one tile per program, accumulating with atomics.
+
+    Deterministic passes instead loop over one axis so that each program owns
+    what it writes: LOOP_V (grid (n-blocks, 1)) owns its dh rows, LOOP_N
+    (grid (1, v-blocks)) owns its dW / db rows.
+    """
+    n_lo = tl.program_id(0)
+    n_hi = n_lo + 1
+    if LOOP_N:
+        n_hi = tl.cdiv(N, BLOCK_N)
+    v_lo = tl.program_id(1)
+    v_hi = v_lo + 1
+    if LOOP_V:
+        v_hi = tl.cdiv(V, BLOCK_V)
+    g_scale = scale * inv_temp
+    out_ty = h_ptr.dtype.element_ty
+    for nb in range(n_lo, n_hi):
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+        y = tl.load(y_ptr + offs_n, mask=mask_n, other=0)
+        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+        g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0) * g_scale
+        for vb in range(v_lo, v_hi):
+            offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+            mask_v = offs_v < V
+            z = _z_tile(h_ptr, w_ptr, bias_ptr, rows, mask_n, offs_v, V, D, stride_h, stride_w,
+                        scale, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION,
+                        BLOCK_N, BLOCK_V, BLOCK_D)
+            # 1. d logp / d z = onehot - softmax, in fp32
+            dz = tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None])
+            keep = True
+            if FILTER:
+                # 2. gradient filtering: a tile whose |onehot - p| is below the
+                #    input dtype's resolution everywhere contributes nothing visible
+                keep = tl.max(tl.max(tl.abs(dz), 1), 0) >= filter_eps
+            if keep:
+                if HAS_SOFTCAP:
+                    dz = dz * softcap_slope(z, softcap, inv_temp)
+                # 3. dL = g * alpha * (onehot - p) * k; zero outside the valid tile
+                dl = tl.where(mask_n[:, None] & mask_v[None, :], dz * g[:, None], 0.0)
+                if COMPUTE_DB:
+                    _add(db_ptr + offs_v, tl.sum(dl, 0), mask_v, ATOMIC)
+                dl_lo = dl.to(out_ty)
+                for d0 in range(0, D, BLOCK_D):
+                    offs_d = d0 + tl.arange(0, BLOCK_D)
+                    mask_d = offs_d < D
+                    if COMPUTE_DH:
+                        # 4. dH[n, d] += dL @ W[v, d]        (dh is compact: [N, D] fp32)
+                        w = tl.load(w_ptr + offs_v.to(tl.int64)[:, None] * stride_w + offs_d[None, :],
+                                    mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+                        part = dot(dl_lo, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32),
+                                   UPCAST, DOT_PRECISION)
+                        _add(dh_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], part,
+                             mask_n[:, None] & mask_d[None, :], ATOMIC)
+                    if COMPUTE_DW:
+                        # 5. dW[v, d] += dL^T @ H[n, d]      (dw: [V, D] fp32)
+                        h = tl.load(h_ptr + rows[:, None] * stride_h + offs_d[None, :],
+                                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                        part = dot(tl.trans(dl_lo), h, tl.zeros((BLOCK_V, BLOCK_D), tl.float32),
+                                   UPCAST, DOT_PRECISION)
+                        _add(dw_ptr + offs_v.to(tl.int64)[:, None] * D + offs_d[None, :], part,
+                             mask_v[:, None] & mask_d[None, :], ATOMIC)
+
+
+def _common(h, w, rows, y):
+    assert h.dim() == 2 and h.stride(1) == 1, "h must be [M, D] with unit column stride"
+    assert w.is_contiguous() and w.shape[1] == h.shape[1]
+    assert rows.dtype == torch.int64 and y.dtype == torch.int64 and rows.shape == y.shape
+    return rows.numel(), w.shape[0], w.shape[1]
+
+
+def logps_fwd(h, w, bias, rows, y, *, scale=1.0, softcap=None, temperature=1.0):
+    """h [M, D], w [V, D], bias [V] | None, rows/y [N] -> (logp [N], lse [N]) fp32 for the rows h[rows]."""
+    N, V, D = _common(h, w, rows, y)
+    logp = torch.empty(N, dtype=torch.float32, device=h.device)
+    lse = torch.empty(N, dtype=torch.float32, device=h.device)
+    if N == 0:
+        return logp, lse
+    cfg = linear_blocks(h.dtype, backward=False)
+    grid = (triton.cdiv(N, cfg.BLOCK_N),)
+    _logps_fwd_kernel[grid](
+        h, w, bias, rows, y, logp, lse, N, V, D, h.stride(0), w.stride(0),
+        float(scale), float(softcap or 0.0), 1.0 / temperature,
+        UPCAST=upcast_dot(h.dtype), DOT_PRECISION=dot_precision(h.dtype),
+        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return logp, lse
+
+
+def logps_bwd(h, w, bias, rows, y, lse, g, *, need_dh, need_dw, need_db, scale=1.0, softcap=None,
+              temperature=1.0, filter_eps=None, deterministic=False):
+    """Gradients of sum_n g[n] * logp[n]: (dh [N, D] fp32 | None, dw [V, D] fp32 | None, db [V] fp32 | None).
+
+    dh is compact (row n is token rows[n]). deterministic=True replaces the
+    atomics by two passes (one over row blocks for dh, one over vocabulary
+    blocks for dW/db): bitwise reproducible, one extra recompute of the logits.
+    """
+    N, V, D = _common(h, w, rows, y)
+    f32 = dict(dtype=torch.float32, device=h.device)
+    dh = torch.zeros(N, D, **f32) if need_dh else None
+    dw = torch.zeros(V, D, **f32) if need_dw else None
+    db = torch.zeros(V, **f32) if need_db else None
+    if N == 0 or not (need_dh or need_dw or need_db):
+        return dh, dw, db
+    cfg = linear_blocks(h.dtype, backward=True)
+    n_blocks, v_blocks = triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V)
+    common = dict(N=N, V=V, D=D, stride_h=h.stride(0), stride_w=w.stride(0), scale=float(scale),
+                  softcap=float(softcap or 0.0), inv_temp=1.0 / temperature,
+                  filter_eps=float(filter_eps or 0.0),
+                  UPCAST=upcast_dot(h.dtype), DOT_PRECISION=dot_precision(h.dtype),
+                  BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    tensors = (h, w, bias, rows, y, lse, g)
+    if not deterministic:
+        _logps_bwd_kernel[(n_blocks, v_blocks)](*tensors, dh, dw, db, LOOP_N=False, LOOP_V=False, **common)
+        return dh, dw, db
+    if need_dh:
+        _logps_bwd_kernel[(n_blocks, 1)](*tensors, dh, None, None, LOOP_N=False, LOOP_V=True, **common)
+    if need_dw or need_db:
+        _logps_bwd_kernel[(1, v_blocks)](*tensors, None, dw, db, LOOP_N=True, LOOP_V=False, **common)
+    return dh, dw, db
