@@ -32,3 +32,21 @@ def dot(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def rtne_bf16(x):
+    """x (fp32) rounded to the nearest bf16 value, kept in fp32: the GPU's fp32 -> bf16 cast.
+
+    The interpreter truncates in that cast; UPCAST kernels use this instead."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def to_dot_operand(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 x cast to the input dtype for a tensor-core product (UPCAST: rounded, kept fp32)."""
+    if UPCAST:
+        return rtne_bf16(x)
+    return x.to(dtype)

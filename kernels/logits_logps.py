@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tile import softcap_slope, transform
-from .config import logits_blocks
+from ._tile import rtne_bf16, softcap_slope, transform
+from .config import logits_blocks, upcast_dot
 
 
 @triton.heuristics({"HAS_SOFTCAP": lambda a: a["softcap"] > 0})
@@ -46,7 +46,7 @@ def _logits_logps_fwd_kernel(x_ptr, rows_ptr, y_ptr, logp_ptr, lse_ptr, N, V, st
 @triton.jit
 def _logits_logps_bwd_kernel(x_ptr, y_ptr, lse_ptr, g_ptr, dx_ptr, M, V, stride_x, stride_dx,
                              ignore_index, scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+                             ROUND_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """Over all M rows (lse, g indexed by row); ignored rows get exact zeros."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < M
@@ -66,6 +66,8 @@ def _logits_logps_bwd_kernel(x_ptr, y_ptr, lse_ptr, g_ptr, dx_ptr, M, V, stride_
         if HAS_SOFTCAP:
             dz = dz * softcap_slope(z, softcap, inv_temp)
         dx = tl.where(scored[:, None], dz * g[:, None], 0.0)
+        if ROUND_BF16:  # the interpreter truncates fp32 -> bf16; the GPU rounds to nearest
+            dx = rtne_bf16(dx)
         tl.store(dx_ptr + rows[:, None] * stride_dx + offs_v[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -93,7 +95,7 @@ def logits_logps_bwd(x, labels, lse, g, *, ignore_index, scale=1.0, softcap=None
     cfg = logits_blocks()
     _logits_logps_bwd_kernel[(triton.cdiv(M, cfg.BLOCK_N),)](
         x, labels, lse, g, dx, M, V, x.stride(0), dx.stride(0), ignore_index,
-        float(scale), float(softcap or 0.0), 1.0 / temperature,
+        float(scale), float(softcap or 0.0), 1.0 / temperature, ROUND_BF16=upcast_dot(x.dtype),
         BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, num_warps=cfg.num_warps,
     )
     return dx

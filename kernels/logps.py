@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tile import dot, softcap_slope, transform
+from ._tile import dot, softcap_slope, to_dot_operand, transform
 from .config import dot_precision, linear_blocks, upcast_dot
 
 
@@ -142,12 +142,12 @@ def _logps_bwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, lse_ptr, g_ptr,
                 keep = tl.max(tl.max(tl.abs(dz), 1), 0) >= filter_eps
             if keep:
                 if HAS_SOFTCAP:
-                    dz = dz * softcap_slope(z, softcap, inv_temp)
+                    dz = dz * softcap_slope(tl.where(mask_v[None, :], z, 0.0), softcap, inv_temp)
                 # 3. dL = g * alpha * (onehot - p) * k; zero outside the valid tile
                 dl = tl.where(mask_n[:, None] & mask_v[None, :], dz * g[:, None], 0.0)
                 if COMPUTE_DB:
                     _add(db_ptr + offs_v, tl.sum(dl, 0), mask_v, ATOMIC)
-                dl_lo = dl.to(out_ty)
+                dl_lo = to_dot_operand(dl, out_ty, UPCAST)
                 for d0 in range(0, D, BLOCK_D):
                     offs_d = d0 + tl.arange(0, BLOCK_D)
                     mask_d = offs_d < D

@@ -1,0 +1,56 @@
+"""Test configuration: the Triton interpreter, the tolerance table, platform skips."""
+import os
+
+# Must happen before anything imports triton: the kernels then run on the CPU.
+if os.environ.get("FASTDPO_TEST_CUDA") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+try:
+    import triton  # noqa: F401,E402
+    HAS_TRITON = True
+except ImportError:  # e.g. macOS: the chunked PyTorch path is still tested
+    HAS_TRITON = False
+
+DEVICE = "cuda" if os.environ.get("FASTDPO_TEST_CUDA") == "1" else "cpu"
+
+# Allowed excess error of a fused path over the same-dtype reference, relative
+# to the largest magnitude of the float64 ground truth. One table; never
+# loosened inline (STYLE 7).
+TOLERANCE = {
+    torch.float32: 1e-6,
+    torch.bfloat16: 2 ** -8,   # one bf16 unit roundoff
+    torch.float16: 2 ** -11,   # one fp16 unit roundoff
+    torch.float64: 1e-12,
+}
+
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="triton is not installed")
+    for item in items:
+        params = getattr(item, "callspec", None)
+        if not HAS_TRITON and params is not None and params.params.get("backend") == "triton":
+            item.add_marker(skip)
+
+
+def max_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
+    return (actual.double() - truth).abs().max().item()
+
+
+def assert_no_worse_than_reference(actual, same_dtype_ref, truth, dtype, what=""):
+    """|actual - truth| <= |same_dtype_ref - truth| + TOLERANCE[dtype] * max|truth| (max over entries)."""
+    assert actual.shape == truth.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = truth.abs().max().item() or 1.0
+    err, ref_err = max_error(actual, truth), max_error(same_dtype_ref, truth)
+    bound = ref_err + TOLERANCE[dtype] * scale
+    assert err <= bound, f"{what}: error {err:.3e} > reference error {ref_err:.3e} + tol*scale ({bound:.3e})"
+
+
+@pytest.fixture
+def device():
+    return DEVICE

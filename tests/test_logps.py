@@ -1,0 +1,196 @@
+"""sequence_logps: every backend against float64 ground truth, values and gradients."""
+import itertools
+
+import pytest
+import torch
+from conftest import DTYPE_IDS, assert_no_worse_than_reference
+
+import fastdpo
+from fastdpo import _chunked, reference
+
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (B, T, D, V): multiples of no block size
+SHAPES = [(2, 47, 31, 123), (3, 19, 70, 257)]
+# (bias, softcap, logit_scale, temperature)
+OPTIONS = [(False, None, 1.0, 1.0), (True, None, 1.7, 0.6), (False, 4.0, 1.0, 1.0), (True, 3.0, 0.8, 1.3)]
+
+
+def shape_id(s):
+    return "B{}-T{}-D{}-V{}".format(*s)
+
+
+def option_id(o):
+    bias, softcap, scale, temp = o
+    return f"bias{int(bias)}-cap{softcap}-scale{scale}-temp{temp}"
+
+
+def make_inputs(B, T, D, V, *, bias=False, weight_std=0.3, seed=0, masked_rows=(), device="cpu"):
+    """float64 hidden/weight/bias and labels with a prompt prefix and an optional fully-ignored row."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, D, generator=g, dtype=torch.float64) * weight_std
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, : T // 4] = -100
+    for r in masked_rows:
+        labels[r] = -100
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(hidden), to(weight), to(b), labels.to(device)
+
+
+def leaves(tensors, dtype, requires):
+    return [None if t is None else t.to(dtype).detach().requires_grad_(r) for t, r in zip(tensors, requires)]
+
+
+def run(fn, tensors, labels, upstream, **kw):
+    """Forward with return_token_logps, backward with random upstream gradients on both outputs."""
+    hidden, weight, bias = tensors
+    seq, tok = fn(hidden, weight, labels, bias=bias, return_token_logps=True, **kw)
+    g_seq, g_tok = upstream
+    loss = (seq.double() * g_seq).sum() + (tok.double() * g_tok).sum()
+    if loss.requires_grad:
+        loss.backward()
+    return seq, tok, [None if t is None else t.grad for t in tensors]
+
+
+def check_against_reference(backend, dtype, shape, options, requires=(True, True, True), masked_rows=(),
+                            weight_std=0.3, device="cpu", **extra):
+    bias, softcap, scale, temp = options
+    B, T, D, V = shape
+    inputs64 = make_inputs(B, T, D, V, bias=bias, masked_rows=masked_rows, weight_std=weight_std, device=device)
+    labels = inputs64[3]
+    kw = dict(softcap=softcap, logit_scale=scale, temperature=temp, **{k: v for k, v in extra.items()
+                                                                      if k == "average"})
+    gen = torch.Generator().manual_seed(1)
+    upstream = (torch.randn(B, generator=gen, dtype=torch.float64).to(device),
+                torch.randn(B, T, generator=gen, dtype=torch.float64).to(device))
+
+    # Ground truth: float64 math on the very inputs the fused path sees (rounded to dtype).
+    rounded = [None if t is None else t.to(dtype).double() for t in inputs64[:3]]
+    truth = run(reference.sequence_logps, leaves(rounded, torch.float64, requires), labels, upstream, **kw)
+    same = run(reference.sequence_logps, leaves(inputs64[:3], dtype, requires), labels, upstream, **kw)
+    fused = run(fastdpo.sequence_logps, leaves(inputs64[:3], dtype, requires), labels, upstream,
+                backend=backend, **kw, **{k: v for k, v in extra.items() if k != "average"})
+
+    assert fused[0].dtype == torch.float32
+    names = ["seq", "token", "d_hidden", "d_weight", "d_bias"]
+    for name, f, s, t in zip(names, [fused[0], fused[1], *fused[2]], [same[0], same[1], *same[2]],
+                             [truth[0], truth[1], *truth[2]]):
+        if t is None:
+            assert f is None, f"{name}: gradient computed although not required"
+            continue
+        assert f.dtype == (torch.float32 if name in ("seq", "token") else dtype), name
+        assert_no_worse_than_reference(f, s, t, dtype, what=name)
+    return fused
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=option_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_fp64_reference(backend, dtype, shape, options, device):
+    check_against_reference(backend, dtype, shape, options, filter_eps=None, device=device)
+
+
+@pytest.mark.parametrize("requires", [r for r in itertools.product([False, True], repeat=3) if any(r)],
+                         ids=lambda r: "grad-" + "".join("hwb"[i] for i in range(3) if r[i]))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_requires_grad_combination(backend, requires, device):
+    check_against_reference(backend, torch.float32, (2, 13, 20, 45), (True, None, 1.0, 1.0), requires=requires,
+                            device=device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_fully_ignored_sequence_is_exactly_zero(backend, dtype, device):
+    seq, tok, (dh, dw, db) = check_against_reference(
+        backend, dtype, (3, 17, 24, 50), (True, 2.0, 1.0, 1.0), masked_rows=(1,), device=device)
+    assert seq[1].item() == 0.0 and (tok[1] == 0).all()
+    assert (dh[1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_average_divides_by_scored_tokens(backend, device):
+    check_against_reference(backend, torch.float32, (3, 17, 24, 50), (False, None, 1.0, 1.0), masked_rows=(2,),
+                            average=True, device=device)
+
+
+@pytest.mark.parametrize("weight_std", [0.0, 3.0], ids=["flat", "peaked"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flat_and_peaked_distributions(backend, dtype, weight_std, device):
+    seq, *_ = check_against_reference(backend, dtype, (2, 21, 33, 77), (False, None, 1.0, 1.0),
+                                      weight_std=weight_std, device=device)
+    if weight_std == 0.0:  # uniform: every scored token has log p = -log V exactly
+        scored = torch.tensor([21 - 21 // 4] * 2, dtype=torch.float64)
+        torch.testing.assert_close(seq.double().cpu(), -scored * torch.log(torch.tensor(77.0, dtype=torch.float64)),
+                                   rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64], ids=lambda r: f"chunk{r}")
+def test_chunked_path_independent_of_chunk_size(rows, monkeypatch):
+    """The PyTorch path processes `rows` valid tokens at a time; any chunking gives the same result."""
+    monkeypatch.setattr(_chunked, "CHUNK_BYTES", rows * 123 * 4)
+    check_against_reference("torch", torch.float32, (2, 47, 31, 123), (True, 3.0, 1.0, 1.0))
+
+
+def test_triton_deterministic_mode_is_reproducible(device):
+    first = check_against_reference("triton", torch.float32, (2, 40, 33, 100), (True, None, 1.0, 1.0),
+                                    deterministic=True, device=device)
+    second = check_against_reference("triton", torch.float32, (2, 40, 33, 100), (True, None, 1.0, 1.0),
+                                     deterministic=True, device=device)
+    for a, b in zip(first[2], second[2]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+def test_gradient_filtering_within_dtype_tolerance(dtype, device):
+    """filter_eps='auto' skips negligible tiles; on peaked logits (most tiles skipped) the result
+    still meets the same bound as the unfiltered kernel."""
+    check_against_reference("triton", dtype, (2, 40, 33, 300), (False, None, 1.0, 1.0), weight_std=3.0,
+                            filter_eps="auto", device=device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_inputs_accepted(backend, device):
+    hidden, weight, _, labels = make_inputs(2, 15, 26, 60, device=device)
+    h_t = hidden.float().transpose(0, 1).contiguous().transpose(0, 1)          # [B, T, D] with odd strides
+    w_t = weight.float().t().contiguous().t()                                  # column-major [V, D]
+    lab_t = labels.t().contiguous().t()
+    expected = reference.sequence_logps(hidden, weight, labels)
+    out = fastdpo.sequence_logps(h_t, w_t, lab_t, backend=backend)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_hidden_stays_in_its_sequence(backend, device):
+    hidden, weight, _, labels = make_inputs(3, 12, 16, 40, device=device)
+    hidden = hidden.float()
+    hidden[1, 7, 3] = float("nan")
+    labels[1, 7] = 5
+    out = fastdpo.sequence_logps(hidden, weight.float(), labels, backend=backend)
+    assert torch.isnan(out[1])
+    assert torch.isfinite(out[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_labels_accepted(backend, device):
+    hidden, weight, _, labels = make_inputs(2, 9, 16, 40, device=device)
+    a = fastdpo.sequence_logps(hidden.float(), weight.float(), labels, backend=backend)
+    b = fastdpo.sequence_logps(hidden.float(), weight.float(), labels.int(), backend=backend)
+    assert torch.equal(a, b)
+
+
+def test_float64_runs_in_float64_on_torch_backend():
+    hidden, weight, bias, labels = make_inputs(2, 9, 16, 40, bias=True)
+    out = fastdpo.sequence_logps(hidden, weight, labels, bias=bias, backend="torch")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, reference.sequence_logps(hidden, weight, labels, bias=bias),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_reference_backend_is_the_reference():
+    hidden, weight, _, labels = make_inputs(2, 9, 16, 40)
+    assert torch.equal(fastdpo.sequence_logps(hidden, weight, labels, backend="reference"),
+                       reference.sequence_logps(hidden, weight, labels))
