@@ -41,13 +41,21 @@ def _softcap_slope(z: torch.Tensor, p: LogpsParams, out: torch.Tensor) -> torch.
     return torch.mul(z, p.temperature / p.softcap, out=out).square_().neg_().add_(1.0)
 
 
-def _lse_and_target_(z: torch.Tensor, y: torch.Tensor):
-    """Returns (logp [c], lse [c]) of the rows of z [c, V]; destroys z."""
-    zy = z.gather(1, y[:, None]).squeeze(1)
-    m = z.amax(1)
-    z.sub_(m[:, None]).exp_()
-    lse = m + z.sum(1).log()
-    return zy - lse, lse
+def _rowwise_(op, z: torch.Tensor) -> torch.Tensor:
+    """z = op(z) along rows, in place where the kernel allows it (CPU: row by row, in cache)."""
+    if z.device.type == "cpu":
+        return op(z, 1, False, out=z)
+    return z.copy_(op(z, 1, False))
+
+
+def _logp_and_lse_(z: torch.Tensor, y: torch.Tensor):
+    """(logp [c], lse [c]) of the rows of z [c, V]; leaves log_softmax(z) in z.
+
+    One fused row-wise log-softmax (max, sum of exp and write, each row still
+    in cache) instead of separate passes over the whole chunk."""
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    logp = _rowwise_(torch._log_softmax, z).gather(1, y[:, None]).squeeze(1)
+    return logp, z_y - logp
 
 
 class _Chunks:
@@ -80,14 +88,15 @@ def linear_fwd(h, w, bias, idx, y, p: LogpsParams):
     lse = torch.empty(n, dtype=cdt, device=h.device)
     for sl, (buf,) in _Chunks(n, w.shape[0], cdt, h.device):
         z = _linear_logits(buf, h.index_select(0, idx[sl]).to(cdt), w_c, b_c, p)
-        logp[sl], lse[sl] = _lse_and_target_(z, y[sl])
+        logp[sl], lse[sl] = _logp_and_lse_(z, y[sl])
     return logp, lse
 
 
-def linear_bwd(h, w, bias, idx, y, lse, g, p: LogpsParams, need_dh, need_dw, need_db):
+def linear_bwd(h, w, bias, idx, y, g, p: LogpsParams, need_dh, need_dw, need_db):
     """Gradients of sum_t g_t * logp_t: (dh [M, D] or None, dw [V, D] or None, db [V] or None).
 
     1. recompute z and M = softmax(z) * k for the chunk           # [c, V]
+       (the row-wise softmax recomputes each row's lse in cache: no saved lse needed)
     2. dh_t = alpha g_t (k_y w_y - (M @ W)_t)                      # [c, D]
     3. dW   = scatter_y(alpha g k_y h) - M^T @ (alpha g h)         # [V, D]
     4. db   = scatter_y(alpha g k_y)   - M^T @ (alpha g)           # [V]
@@ -107,7 +116,7 @@ def linear_bwd(h, w, bias, idx, y, lse, g, p: LogpsParams, need_dh, need_dw, nee
         if p.softcap is not None:
             k = _softcap_slope(z, p, bufs[1])
             k_y = k.gather(1, yc[:, None])                                 # [c, 1]
-        m = z.sub_(lse[sl, None]).exp_()                                   # p = softmax(z)
+        m = _rowwise_(torch._softmax, z)                                   # p = softmax(z)
         if k_y is not None:
             m.mul_(k)                                                      # M = p * k
         ga = (g[sl] * p.alpha)[:, None]                                    # [c, 1]
@@ -137,11 +146,11 @@ def logits_fwd(x, idx, y, p: LogpsParams):
     lse = torch.empty(n, dtype=cdt, device=x.device)
     for sl, (buf,) in _Chunks(n, x.shape[1], cdt, x.device):
         buf.copy_(x.index_select(0, idx[sl]))
-        logp[sl], lse[sl] = _lse_and_target_(_transform_(buf, p), y[sl])
+        logp[sl], lse[sl] = _logp_and_lse_(_transform_(buf, p), y[sl])
     return logp, lse
 
 
-def logits_bwd(x, idx, y, lse, g, p: LogpsParams):
+def logits_bwd(x, idx, y, g, p: LogpsParams):
     """d(sum_t g_t logp_t)/dx: the one [M, V] gradient buffer, rows not in idx zero."""
     cdt = compute_dtype(x.dtype)
     dx = torch.zeros_like(x)
@@ -156,7 +165,7 @@ def logits_bwd(x, idx, y, lse, g, p: LogpsParams):
             ga_y = ga * k.gather(1, y[sl, None])
         else:
             ga_y = ga
-        z.sub_(lse[sl, None]).exp_()
+        _rowwise_(torch._softmax, z)
         if p.softcap is not None:
             z.mul_(k)
         z.mul_(-ga).scatter_add_(1, y[sl, None], ga_y)                    # alpha g (onehot k_y - p k)

@@ -118,7 +118,7 @@ class LinearLogps(torch.autograd.Function):
             dw = None if dw is None else dw.to(w.dtype)
             db = None if db is None else db.to(b.dtype)
         else:
-            dh, dw, db = _chunked.linear_bwd(h, w, b, rows, y, lse, g, p, need_dh, need_dw, need_db)
+            dh, dw, db = _chunked.linear_bwd(h, w, b, rows, y, g, p, need_dh, need_dw, need_db)
         return (None if dh is None else dh.view(B, T, D)), dw, db, None, None, None
 
 
@@ -154,7 +154,7 @@ class LogitsLogps(torch.autograd.Function):
             dx = logits_logps_bwd(x, flat, lse_rows, g_rows, ignore_index=p.ignore_index,
                                   scale=p.logit_scale, softcap=p.softcap, temperature=p.temperature)
         else:
-            dx = _chunked.logits_bwd(x, rows, y, lse, g, p)
+            dx = _chunked.logits_bwd(x, rows, y, g, p)
         return dx.view(B, T, V), None, None, None
 
 
