@@ -11,19 +11,21 @@ with alpha = logit_scale / temperature and k = 1 - tanh^2 (k = 1 without softcap
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 
 from ._params import LogpsParams
 
-CHUNK_BYTES = 64 << 20  # one [rows, V] fp32 buffer: large GEMMs, small footprint
+CHUNK_BYTES = 128 << 20  # [rows, V] fp32 buffers of a chunk, all together: large GEMMs, bounded footprint
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_rows(n: int, vocab: int, itemsize: int) -> int:
-    return max(1, min(n, CHUNK_BYTES // (vocab * itemsize)))
+def _chunk_rows(n: int, vocab: int, itemsize: int, count: int) -> int:
+    return max(1, min(n, CHUNK_BYTES // (vocab * itemsize * count)))
 
 
 def _transform_(z: torch.Tensor, p: LogpsParams) -> torch.Tensor:
@@ -59,17 +61,32 @@ def _logp_and_lse_(z: torch.Tensor, y: torch.Tensor):
 
 
 class _Chunks:
-    """Iterates over valid-token chunks with one reusable [rows, V] buffer."""
+    """Valid-token chunks sharing reusable [rows, V] buffers (``bufs`` may come from the forward)."""
 
-    def __init__(self, n: int, vocab: int, dtype: torch.dtype, device, count: int = 1):
+    def __init__(self, n: int, vocab: int, dtype: torch.dtype, device, count: int = 1, bufs=None):
         self.n = n
-        self.rows = _chunk_rows(n, vocab, torch.finfo(dtype).bits // 8)
-        self.bufs = [torch.empty(self.rows, vocab, dtype=dtype, device=device) for _ in range(count)]
+        self.rows = _chunk_rows(n, vocab, torch.finfo(dtype).bits // 8, count)
+        self.bufs = bufs or [torch.empty(self.rows, vocab, dtype=dtype, device=device) for _ in range(count)]
 
     def __iter__(self):
-        for s in range(0, self.n, self.rows):
+        return self._chunks(range(0, self.n, self.rows))
+
+    def reversed(self):
+        return self._chunks(reversed(range(0, self.n, self.rows)))
+
+    def _chunks(self, starts):
+        for s in starts:
             e = min(s + self.rows, self.n)
             yield slice(s, e), [b[: e - s] for b in self.bufs]
+
+
+class Tail(NamedTuple):
+    """The forward's last chunk, kept for the backward: its rows and log_softmax(z) in the chunk buffer.
+
+    The backward starts with that chunk and skips its recompute (one [rows, V]
+    buffer, which the backward needs anyway, lives from forward to backward)."""
+    rows: slice
+    buf: torch.Tensor
 
 
 def _linear_logits(buf, hc, w, bias, p: LogpsParams) -> torch.Tensor:
@@ -79,20 +96,25 @@ def _linear_logits(buf, hc, w, bias, p: LogpsParams) -> torch.Tensor:
     return _transform_(buf, p)
 
 
-def linear_fwd(h, w, bias, idx, y, p: LogpsParams):
-    """h [M, D], w [V, D], idx/y [N] -> (logp [N], lse [N]) for the rows h[idx]."""
+def linear_fwd(h, w, bias, idx, y, p: LogpsParams, keep_tail: bool = False):
+    """h [M, D], w [V, D], idx/y [N] -> (logp [N], lse [N], Tail | None) for the rows h[idx].
+
+    keep_tail: return the last chunk's log-softmax for ``linear_bwd`` (not with softcap)."""
     cdt = compute_dtype(h.dtype)
     w_c, b_c = w.to(cdt), None if bias is None else bias.to(cdt)
     n = idx.numel()
     logp = torch.empty(n, dtype=cdt, device=h.device)
     lse = torch.empty(n, dtype=cdt, device=h.device)
-    for sl, (buf,) in _Chunks(n, w.shape[0], cdt, h.device):
+    chunks = _Chunks(n, w.shape[0], cdt, h.device)
+    sl = None
+    for sl, (buf,) in chunks:
         z = _linear_logits(buf, h.index_select(0, idx[sl]).to(cdt), w_c, b_c, p)
         logp[sl], lse[sl] = _logp_and_lse_(z, y[sl])
-    return logp, lse
+    tail = Tail(sl, chunks.bufs[0]) if keep_tail and sl is not None and p.softcap is None else None
+    return logp, lse, tail
 
 
-def linear_bwd(h, w, bias, idx, y, g, p: LogpsParams, need_dh, need_dw, need_db):
+def linear_bwd(h, w, bias, idx, y, g, p: LogpsParams, need_dh, need_dw, need_db, tail: Optional[Tail] = None):
     """Gradients of sum_t g_t * logp_t: (dh [M, D] or None, dw [V, D] or None, db [V] or None).
 
     1. recompute z and M = softmax(z) * k for the chunk           # [c, V]
@@ -108,15 +130,19 @@ def linear_bwd(h, w, bias, idx, y, g, p: LogpsParams, need_dh, need_dw, need_db)
     dw = torch.zeros(V, w.shape[1], dtype=cdt, device=w.device) if need_dw else None
     db = torch.zeros(V, dtype=cdt, device=w.device) if need_db else None
     nbuf = 1 if p.softcap is None else 2
-    for sl, bufs in _Chunks(idx.numel(), V, cdt, h.device, count=nbuf):
+    chunks = _Chunks(idx.numel(), V, cdt, h.device, count=nbuf, bufs=None if tail is None else [tail.buf])
+    for sl, bufs in chunks.reversed():
         rows, yc = idx[sl], y[sl]
         hc = h.index_select(0, rows).to(cdt)                               # [c, D]
-        z = _linear_logits(bufs[0], hc, w_c, b_c, p)                       # [c, V]
         k_y = None
-        if p.softcap is not None:
-            k = _softcap_slope(z, p, bufs[1])
-            k_y = k.gather(1, yc[:, None])                                 # [c, 1]
-        m = _rowwise_(torch._softmax, z)                                   # p = softmax(z)
+        if tail is not None and sl == tail.rows:
+            m = bufs[0].exp_()                                             # p = exp(log_softmax), kept
+        else:
+            z = _linear_logits(bufs[0], hc, w_c, b_c, p)                   # [c, V]
+            if p.softcap is not None:
+                k = _softcap_slope(z, p, bufs[1])
+                k_y = k.gather(1, yc[:, None])                             # [c, 1]
+            m = _rowwise_(torch._softmax, z)                               # p = softmax(z)
         if k_y is not None:
             m.mul_(k)                                                      # M = p * k
         ga = (g[sl] * p.alpha)[:, None]                                    # [c, 1]

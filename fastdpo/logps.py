@@ -95,7 +95,8 @@ class LinearLogps(torch.autograd.Function):
             from .kernels import logps_fwd
             logp, lse = logps_fwd(h, w, b, rows, y, **kw)
         else:
-            logp, lse = _chunked.linear_fwd(h, w, b, rows, y, params)
+            keep_tail = any(ctx.needs_input_grad[:3])
+            logp, lse, ctx.tail = _chunked.linear_fwd(h, w, b, rows, y, params, keep_tail)
         ctx.save_for_backward(h, w, b, rows, y, lse, counts)
         ctx.params, ctx.backend, ctx.shape = params, backend, (B, T, D)
         return _per_sequence(logp, rows, (B, T), counts, params.average)
@@ -118,7 +119,8 @@ class LinearLogps(torch.autograd.Function):
             dw = None if dw is None else dw.to(w.dtype)
             db = None if db is None else db.to(b.dtype)
         else:
-            dh, dw, db = _chunked.linear_bwd(h, w, b, rows, y, g, p, need_dh, need_dw, need_db)
+            tail, ctx.tail = ctx.tail, None        # consumed in place: a second backward recomputes
+            dh, dw, db = _chunked.linear_bwd(h, w, b, rows, y, g, p, need_dh, need_dw, need_db, tail)
         return (None if dh is None else dh.view(B, T, D)), dw, db, None, None, None
 
 

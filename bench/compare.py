@@ -1,0 +1,342 @@
+"""fastdpo against its peers in one markdown table: fwd+bwd time, peak memory, share of the GEMM rate.
+
+    python bench/compare.py --shape S1 [--methods naive,cce,liger,trl] [--dtype fp32]
+                            [--repeats 3] [--out bench/RESULTS.md]
+
+Every method (bench/_peers.py) computes a DPO sigmoid loss from the same
+hidden [2P, T, D], weight [V, D] and labels (first quarter of each row is
+prompt, ignored) and back-propagates into hidden and weight. Each runs in a
+fresh subprocess (``--child METHOD``) so that its memory peak is its own; a
+method that fails to import, errors or is killed shows as ``n/a (reason)``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _peers import BETA, IGNORE_INDEX, METHODS, Problem, Unsupported  # noqa: E402
+
+RESULT_TAG = "@@result "
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHT_STD = 0.03   # logits h.w then have std ~ 0.03 * sqrt(D): about 1 for D 1024
+REF_LOGP_STD = 10.0
+CHILD_TIMEOUT_S = 3600
+# Every allocation above 1 MiB gets its own mmap, so a freed tensor leaves the
+# resident set at once and a later step cannot reuse it unseen (glibc otherwise
+# keeps up to 32 MiB blocks in its heap, hiding part of the next step's peak).
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+@dataclass(frozen=True)
+class Shape:
+    pairs: int
+    T: int
+    D: int
+    V: int
+    dtype: Optional[str] = None       # None: fp32 on CPU, bf16 on CUDA
+    softcap: Optional[float] = None
+    cuda_only: bool = False
+    methods: tuple = tuple(METHODS)   # run when --methods is not given
+
+    @property
+    def rows(self) -> int:
+        return 2 * self.pairs
+
+    @property
+    def prompt(self) -> int:
+        return self.T // 4
+
+    @property
+    def scored(self) -> int:
+        return self.rows * (self.T - self.prompt)
+
+
+SHAPES = {
+    "S1": Shape(pairs=2, T=512, D=1024, V=32000),
+    "S2": Shape(pairs=1, T=4096, D=1024, V=32000),
+    # naive PyTorch would need > 20 GB here: fastdpo only unless --methods says otherwise
+    "long": Shape(pairs=1, T=32768, D=1024, V=32000, methods=("fastdpo",)),
+    "llama3": Shape(pairs=2, T=4096, D=4096, V=128256, dtype="bf16", cuda_only=True),
+    "gemma2": Shape(pairs=1, T=4096, D=2304, V=256000, dtype="bf16", softcap=30.0, cuda_only=True),
+}
+
+
+# ---------------------------------------------------------------- child: one method, one process
+
+def make_problem(shape: Shape, dtype: torch.dtype, device: str) -> Problem:
+    torch.manual_seed(0)
+    hidden = torch.randn(shape.rows, shape.T, shape.D, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(shape.V, shape.D, device=device) * WEIGHT_STD).to(dtype).requires_grad_()
+    labels = torch.randint(0, shape.V, (shape.rows, shape.T), device=device)
+    labels[:, :shape.prompt] = IGNORE_INDEX
+    ref = torch.randn(2, shape.pairs, device=device) * REF_LOGP_STD
+    return Problem(hidden, weight, labels, ref[0], ref[1], shape.softcap)
+
+
+def rss_kb() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def peak_rss_kb() -> int:
+    """VmHWM: the kernel's resident high-water mark (what ru_maxrss reports, unless a thread has exited)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def reset_peak_rss() -> bool:
+    """Lower the high-water mark to the current RSS (Linux >= 4.0); False where not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_cpu(step, repeats: int) -> dict:
+    """Median fwd+bwd time, and peak RSS growth over the RSS once inputs and their .grad exist."""
+    step()                                  # warm-up: compiles, allocates hidden.grad / weight.grad
+    base_kb = rss_kb()
+    clean = reset_peak_rss()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak_kb = peak_rss_kb()
+    return {"s": statistics.median(times), "growth_mb": (peak_kb - base_kb) / 1024, "peak_clean": clean}
+
+
+def measure_cuda(step, repeats: int) -> dict:
+    """Median fwd+bwd time by CUDA events; peak allocated growth over inputs + .grad."""
+    step()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    growth_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return {"s": statistics.median(times), "growth_mb": growth_mb, "peak_clean": True}
+
+
+def run_child(args) -> dict:
+    shape, device = SHAPES[args.shape], args.device
+    pb = make_problem(shape, DTYPES[args.dtype], device)
+    losses = []
+
+    def step():
+        loss = METHODS[args.child].loss(pb)
+        loss.backward()
+        losses.append(loss.item())
+
+    measure = measure_cuda if device == "cuda" else measure_cpu
+    result = measure(step, args.repeats)
+    grads = (pb.hidden.grad, pb.weight.grad)
+    result["grad_mb"] = sum(g.numel() * g.element_size() for g in grads if g is not None) / 2**20
+    result["loss"] = losses[0]
+    return result
+
+
+def child_main(args) -> None:
+    try:
+        result = run_child(args)
+    except Unsupported as e:
+        result = {"error": str(e)}
+    except Exception as e:  # any failure of a peer becomes its row's reason
+        result = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:100]}
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------- parent: spawn, collect, print
+
+def spawn(method: str, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--shape", args.shape,
+           "--dtype", args.dtype, "--repeats", str(args.repeats), "--device", args.device]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+                              env={**os.environ, **CHILD_ENV})
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {CHILD_TIMEOUT_S} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    if proc.returncode == -9:
+        return {"error": "killed (SIGKILL: out of memory?)"}
+    tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+    return {"error": tail[:100]}
+
+
+def gemm_rate(shape: Shape, dtype: torch.dtype, device: str, repeats: int = 10) -> float:
+    """Matmul FLOP/s, median: torch.mm of [2048, D] by [n, D]ᵀ into a preallocated [2048, n], n = min(V, 32768),
+    in the run's dtype (the layout of hidden @ weight.T)."""
+    m, n = 2048, min(shape.V, 32768)
+    a = torch.randn(m, shape.D, device=device).to(dtype)
+    w = torch.randn(n, shape.D, device=device).to(dtype)
+    out = torch.empty(m, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.mm(a, w.t(), out=out)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * m * shape.D * n / statistics.median(times[1:])
+
+
+def version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                     platform.processor())
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or "none"
+    except OSError:
+        return "none"
+
+
+def header(args, methods) -> str:
+    packages = ["torch", "triton"] + [METHODS[m].package for m in methods if METHODS[m].package != "torch"]
+    versions = ", ".join(f"{p} {version(p)}" for p in dict.fromkeys(packages))
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{device_name(args.device)}; {versions}; commit {git_commit()}; {date}"
+
+
+def row(method: str, r: dict, useful_flops: float, rate: float, device: str) -> str:
+    m = METHODS[method]
+    if "error" in r:
+        return f"| {m.title} | n/a ({r['error'].replace('|', '/')}) | | | | {m.products[device]} | | {m.note} |"
+    achieved = useful_flops / r["s"]
+    growth = f"{r['growth_mb']:,.0f}" + ("" if r["peak_clean"] else " †")
+    return (f"| {m.title} | {r['s'] * 1e3:,.1f} | {growth} | {achieved / 1e9:,.1f} | {achieved / rate:.0%} "
+            f"| {m.products[device]} | {r['loss']:.4f} | {m.note} |")
+
+
+def caption(args, results, rates, useful: float) -> list:
+    s = SHAPES[args.shape]
+    grad_mb = next((r["grad_mb"] for r in results.values() if "grad_mb" in r), None)
+    grad = "n/a" if grad_mb is None else f"{grad_mb:,.0f} MB"
+    if args.device == "cuda":
+        timer = "CUDA events"
+        memory = "torch.cuda.max_memory_allocated during one step minus memory_allocated before it"
+    else:
+        timer = "time.perf_counter"
+        memory = ("peak RSS (VmHWM, the high-water mark that ru_maxrss reads, reset after the warm-up via "
+                  "/proc/self/clear_refs) minus the RSS before the first timed step; † = reset refused, so the "
+                  "peak includes the warm-up")
+    return [
+        f"- fwd+bwd: the DPO sigmoid loss (beta {BETA}, fixed random reference log-probs), forward and backward "
+        f"w.r.t. hidden and weight; median of {args.repeats} steps ({timer}) after one warm-up step; each method "
+        f"in a fresh process.",
+        f"- peak growth: {memory}. The baseline holds the inputs and their .grad buffers (allocated by the "
+        f"warm-up; the timed steps accumulate into them): hidden.grad + weight.grad = {grad}, so a fused method "
+        f"should stay within that + 256 MB.",
+        f"- GFLOP/s = useful FLOPs / time, useful FLOPs = 4 × 2·N_scored·D·V = {useful / 1e9:,.1f} GFLOP "
+        f"(forward product, one recompute, two gradient products, scored tokens only), whatever a method executes; "
+        f"a method that keeps its logits instead of recomputing them can pass 100% of GEMM.",
+        f"- % of GEMM: against torch.mm measured in this run ([2048×{s.D}]·[{min(s.V, 32768)}×{s.D}]ᵀ, "
+        f"{args.dtype}, median of 10): {rates[0] / 1e9:,.1f} GFLOP/s before the methods ran, "
+        f"{rates[1] / 1e9:,.1f} after; the higher is used.",
+        "- matmul products: what each method executes per step (from its source), each 2·n·D·V FLOPs with "
+        "n = all N tokens or the scored ones.",
+    ]
+
+
+def table(args, methods, results, rates) -> str:
+    """rates: the GEMM rate measured before and after the methods ran."""
+    s = SHAPES[args.shape]
+    useful = 4 * 2 * s.scored * s.D * s.V
+    softcap = f", softcap {s.softcap:g}" if s.softcap else ""
+    lines = [
+        f"**{args.shape}**: {s.pairs} pair(s) × T {s.T} (N {s.rows * s.T}, {s.scored} scored), D {s.D}, "
+        f"V {s.V}, {args.dtype}{softcap}, {args.device}",
+        "",
+        header(args, methods),
+        "",
+        "| method | fwd+bwd ms | peak growth MB | GFLOP/s | % of GEMM | matmul products | loss | notes |",
+        "|---|---:|---:|---:|---:|---|---:|---|",
+        *(row(m, results[m], useful, max(rates), args.device) for m in methods),
+        "",
+        *caption(args, results, rates, useful),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=SHAPES, default="S1")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: the shape's)")
+    p.add_argument("--dtype", choices=DTYPES, help="default: the shape's, else fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--repeats", type=int, help="timed steps per method (default 3 on CPU, 10 on CUDA)")
+    p.add_argument("--out", help="also append the table to this file")
+    p.add_argument("--device", choices=("cpu", "cuda"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    shape = SHAPES[args.shape]
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if shape.cuda_only and args.device != "cuda":
+        p.error(f"shape {args.shape} is a GPU shape; this machine has no CUDA device")
+    args.dtype = args.dtype or shape.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    args.repeats = args.repeats or (10 if args.device == "cuda" else 3)
+    methods = args.methods.split(",") if args.methods else list(shape.methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    return args, methods
+
+
+def main(argv=None) -> None:
+    args, methods = parse_args(argv)
+    if args.child:
+        return child_main(args)
+    shape, dtype = SHAPES[args.shape], DTYPES[args.dtype]
+    rate_before = gemm_rate(shape, dtype, args.device)
+    results = {m: spawn(m, args) for m in methods}
+    rates = (rate_before, gemm_rate(shape, dtype, args.device))
+    text = table(args, methods, results, rates)
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
