@@ -7,6 +7,7 @@ logits -> log_softmax -> gather -> masked sum.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -51,3 +52,99 @@ def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, logi
         logits, labels, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
         temperature=temperature, average=average, return_token_logps=return_token_logps,
     )
+
+
+# ----------------------------------------------------------------------------------------------- DPO losses
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+def f_divergence_scores(logratios: torch.Tensor, f_divergence_type: str, alpha: float) -> torch.Tensor:
+    """f'(pi/ref) as TRL's DPOTrainer computes it from log(pi/ref)."""
+    if f_divergence_type == "reverse_kl" or (f_divergence_type == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+        return logratios
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    t = torch.clamp((alpha - 1.0) * logratios, max=80.0)
+    return (torch.exp(t) - 1.0) / (alpha - 1.0)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
+             beta=0.1, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0,
+             f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, chosen_lengths=None,
+             rejected_lengths=None, gamma=0.5, discopop_tau=0.05):
+    """The DPO family, term by term as TRL's DPOTrainer writes it (plus SimPO as TRL's CPOTrainer does).
+
+    Inputs are per-pair tensors [B]; a missing reference counts as log-probs of 0.
+    Returns (loss, metrics) with TRL's metric names.
+    """
+    pc, pr = policy_chosen_logps, policy_rejected_logps
+    rc = torch.zeros_like(pc) if ref_chosen_logps is None else ref_chosen_logps
+    rr = torch.zeros_like(pr) if ref_rejected_logps is None else ref_rejected_logps
+    chosen_logratios, rejected_logratios = pc - rc, pr - rr
+    cs = f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
+    rs = f_divergence_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
+    delta = cs - rs
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
+    ls = label_smoothing
+    loss = 0.0
+    for name, weight in zip(types, weights):
+        if name == "sigmoid":
+            per = -F.logsigmoid(beta * delta)
+        elif name == "hinge":
+            per = torch.relu(1 - beta * delta)
+        elif name == "ipo":
+            per = (cs / chosen_lengths.clamp(min=1) - rs / rejected_lengths.clamp(min=1) - 1 / (2 * beta)) ** 2
+        elif name == "exo_pair":
+            eps = torch.tensor(ls, dtype=delta.dtype)
+            per = (torch.sigmoid(beta * delta) * (F.logsigmoid(beta * delta) - torch.log1p(-eps))
+                   + torch.sigmoid(-beta * delta) * (F.logsigmoid(-beta * delta) - torch.log(eps)))
+        elif name == "nca_pair":
+            cr, rr_ = beta * chosen_logratios, beta * rejected_logratios
+            per = -F.logsigmoid(cr) - 0.5 * F.logsigmoid(-cr) - 0.5 * F.logsigmoid(-rr_)
+        elif name == "robust":
+            per = (-(1 - ls) * F.logsigmoid(beta * delta) + ls * F.logsigmoid(-beta * delta)) / (1 - 2 * ls)
+        elif name == "bco_pair":
+            per = -F.logsigmoid(beta * chosen_logratios) - F.logsigmoid(-beta * rejected_logratios)
+        elif name == "sppo_hard":
+            per = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+        elif name == "aot":
+            d = torch.sort(pc - pr, dim=0).values - torch.sort(rc - rr, dim=0).values
+            per = -F.logsigmoid(beta * d) * (1 - ls) - F.logsigmoid(-beta * d) * ls
+        elif name == "aot_unpaired":
+            d = torch.sort(chosen_logratios, dim=0).values - torch.sort(rejected_logratios, dim=0).values
+            per = -F.logsigmoid(beta * d) * (1 - ls) - F.logsigmoid(-beta * d) * ls
+        elif name == "apo_zero":
+            per = 1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+        elif name == "apo_down":
+            per = torch.sigmoid(beta * chosen_logratios) + 1 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios))
+        elif name == "discopop":
+            x = beta * delta
+            mod = torch.sigmoid(x / discopop_tau)
+            per = -F.logsigmoid(x) * (1 - mod) + torch.exp(-x) * mod
+        elif name == "sft":
+            per = (-pc.sum() / chosen_lengths.sum().clamp(min=1)).expand(pc.shape[0])
+        elif name == "sigmoid_norm":
+            d = cs / chosen_lengths.clamp(min=1) - rs / rejected_lengths.clamp(min=1)
+            per = -F.logsigmoid(beta * d)
+        elif name == "simpo":
+            x = beta * (pc / chosen_lengths.clamp(min=1) - pr / rejected_lengths.clamp(min=1)) - gamma
+            per = -F.logsigmoid(x) * (1 - ls) - F.logsigmoid(-x) * ls
+        else:
+            raise ValueError(f"unknown loss_type {name!r}")
+        loss = loss + per.mean() * weight
+    chosen_rewards, rejected_rewards = beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": pc.detach().mean(),
+        "logps/rejected": pr.detach().mean(),
+    }
+    return loss, metrics

@@ -14,7 +14,8 @@ Each op has a ``_<op>_fwd_kernel`` / ``_<op>_bwd_kernel`` (``@triton.jit`` only)
 and ``<op>_fwd()`` / ``<op>_bwd()`` launchers (checks, allocation, grid). No
 autograd lives here; see ``fastdpo/logps.py``.
 """
+from .dpo_loss import dpo_pair_loss
 from .logits_logps import logits_logps_bwd, logits_logps_fwd
 from .logps import logps_bwd, logps_fwd
 
-__all__ = ["logps_fwd", "logps_bwd", "logits_logps_fwd", "logits_logps_bwd"]
+__all__ = ["logps_fwd", "logps_bwd", "logits_logps_fwd", "logits_logps_bwd", "dpo_pair_loss"]

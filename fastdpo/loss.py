@@ -1,0 +1,271 @@
+"""The drop-in DPO losses: ``dpo_loss`` on log-probs, ``linear_dpo_loss`` from hidden states.
+
+Loss types follow TRL's DPOTrainer term by term (``fastdpo.reference.dpo_loss``
+writes them out plainly), plus ``simpo`` as TRL's CPOTrainer defines it. The
+per-pair losses and their gradients come from one Triton kernel over pairs
+(``kernels/dpo_loss.py``) or its PyTorch twin; the batch-level ``aot``,
+``aot_unpaired`` and ``sft`` use PyTorch around it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import _pair_loss
+from .logps import resolve_backend, sequence_logps
+from .reference import F_DIVERGENCES, LOSS_TYPES
+
+BATCH_LOSSES = ("aot", "aot_unpaired", "sft")
+LENGTH_LOSSES = ("ipo", "sigmoid_norm", "simpo", "sft")
+# TRL: only losses built on the chosen-rejected score difference take another f-divergence.
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+# Reference-free use: losses that see the policy only through the chosen-rejected margin.
+REFERENCE_FREE_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "robust", "aot", "discopop", "sft",
+                         "sigmoid_norm", "simpo")
+
+
+@dataclass(frozen=True)
+class DPOParams:
+    loss_types: tuple
+    loss_weights: tuple
+    beta: float
+    label_smoothing: float
+    f_divergence_type: str
+    f_alpha_divergence_coef: float
+    gamma: float
+    discopop_tau: float
+
+    def pair_kwargs(self):
+        return dict(f_divergence_type=self.f_divergence_type, beta=self.beta, label_smoothing=self.label_smoothing,
+                    gamma=self.gamma, discopop_tau=self.discopop_tau,
+                    f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+
+
+def _check_label_smoothing(types, ls) -> None:
+    if not isinstance(ls, (int, float)) or not math.isfinite(ls):
+        raise ValueError(f"label_smoothing must be a number, got {ls!r}")
+    if "robust" in types and not 0.0 <= ls < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type 'robust', got {ls}")
+    if "exo_pair" in types and not 0.0 < ls < 1.0:
+        raise ValueError(f"label_smoothing must lie in (0, 1) for loss_type 'exo_pair' (the EXO paper uses 1e-3), "
+                         f"got {ls}")
+    if not 0.0 <= ls <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {ls}")
+    users = {"robust", "exo_pair", "aot", "aot_unpaired", "simpo"}
+    if ls != 0.0 and not users & set(types):
+        raise ValueError(f"label_smoothing={ls} has no effect on loss_type {list(types)}; it is used by "
+                         f"{sorted(users)}")
+
+
+def make_params(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
+                gamma, discopop_tau) -> DPOParams:
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    if not types:
+        raise ValueError("loss_type must name at least one loss")
+    for t in types:
+        if t not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {t!r}; valid: {', '.join(LOSS_TYPES)}")
+    weights = (1.0,) * len(types) if loss_weights is None else tuple(float(w) for w in loss_weights)
+    if len(weights) != len(types):
+        raise ValueError(f"loss_weights has {len(weights)} entries but loss_type has {len(types)}")
+    if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; valid: {', '.join(F_DIVERGENCES)}")
+    if f_divergence_type != "reverse_kl" and not set(types) <= set(F_DIVERGENCE_LOSSES):
+        raise ValueError(f"f_divergence_type={f_divergence_type!r} is only defined for loss_type in "
+                         f"{list(F_DIVERGENCE_LOSSES)}, got {list(types)}")
+    _check_label_smoothing(types, label_smoothing)
+    if not discopop_tau > 0:
+        raise ValueError(f"discopop_tau must be > 0, got {discopop_tau!r}")
+    return DPOParams(types, weights, float(beta), float(label_smoothing), f_divergence_type,
+                     float(f_alpha_divergence_coef), float(gamma), float(discopop_tau))
+
+
+def _check_logps(name, x, B, device, integer_ok=False):
+    if not isinstance(x, torch.Tensor) or not (x.dtype.is_floating_point or integer_ok):
+        raise TypeError(f"{name} must be a floating-point torch.Tensor")
+    if x.shape != (B,):
+        raise ValueError(f"{name} must have shape [{B}] (one value per pair), got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but policy_chosen_logps is on {device}")
+
+
+def _batch_loss(name, pc, pr, rc, rr, lc, p: DPOParams):
+    """aot, aot_unpaired, sft: (mean loss, gradients w.r.t. pc, pr, rc, rr) by autograd (sorting couples pairs)."""
+    from .reference import dpo_loss as reference_loss
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (pc, pr, rc, rr)]
+        loss, _ = reference_loss(*leaves, beta=p.beta, loss_type=name, label_smoothing=p.label_smoothing,
+                                 chosen_lengths=lc)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return loss.detach(), [torch.zeros_like(pc) if g is None else g for g in grads]
+
+
+class DPOLossFn(torch.autograd.Function):
+    """(pc, pr, rc, rr, lc, lr) [B] each -> scalar loss; gradients computed in forward, scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, pc, pr, rc, rr, lc, lr, params: DPOParams, backend: str):
+        f32 = torch.float64 if pc.dtype == torch.float64 else torch.float32
+        pc, pr = pc.to(f32), pr.to(f32)
+        has_ref = rc is not None
+        rc_, rr_ = (rc.to(f32), rr.to(f32)) if has_ref else (torch.zeros_like(pc), torch.zeros_like(pr))
+        lc_ = None if lc is None else lc.to(f32)
+        lr_ = None if lr is None else lr.to(f32)
+        B = pc.shape[0]
+        total = torch.zeros((), dtype=f32, device=pc.device)
+        grads = [torch.zeros_like(pc) for _ in range(4)]
+        for name, weight in zip(params.loss_types, params.loss_weights):
+            if name in BATCH_LOSSES:
+                loss, g = _batch_loss(name, pc, pr, rc_, rr_, lc_, params)
+                total += weight * loss
+                for acc, gi in zip(grads, g):
+                    acc += weight * gi
+                continue
+            args = (pc, pr, rc_ if has_ref else None, rr_ if has_ref else None, lc_, lr_)
+            if backend == "triton":
+                from .kernels.dpo_loss import dpo_pair_loss
+                per, dc, dr = dpo_pair_loss(*args, loss_type=name, **params.pair_kwargs())
+            else:
+                per, dc, dr = _pair_loss.pair_loss(*args, loss_type=name, **params.pair_kwargs())
+            total += weight * per.mean()
+            grads[0] += weight / B * dc
+            grads[1] += weight / B * dr
+            if name != "simpo":               # simpo ignores the reference
+                grads[2] -= weight / B * dc
+                grads[3] -= weight / B * dr
+        ctx.save_for_backward(*grads)
+        ctx.has_ref = has_ref
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        gpc, gpr, grc, grr = (grad * g for g in ctx.saved_tensors)
+        need = ctx.needs_input_grad
+        return (gpc if need[0] else None, gpr if need[1] else None,
+                grc if ctx.has_ref and need[2] else None, grr if ctx.has_ref and need[3] else None,
+                None, None, None, None)
+
+
+def _metrics(pc, pr, rc, rr, beta):
+    pc, pr = pc.detach(), pr.detach()
+    cr = beta * (pc if rc is None else pc - rc.detach())
+    rr_ = beta * (pr if rr is None else pr - rr.detach())
+    return {
+        "rewards/chosen": cr.mean(),
+        "rewards/rejected": rr_.mean(),
+        "rewards/accuracies": (cr > rr_).float().mean(),
+        "rewards/margins": (cr - rr_).mean(),
+        "logps/chosen": pc.mean(),
+        "logps/rejected": pr.mean(),
+    }
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: Optional[torch.Tensor] = None, ref_rejected_logps: Optional[torch.Tensor] = None, *,
+             beta: float = 0.1, loss_type: Union[str, Sequence[str]] = "sigmoid",
+             loss_weights: Optional[Sequence[float]] = None, label_smoothing: float = 0.0,
+             f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+             chosen_lengths: Optional[torch.Tensor] = None, rejected_lengths: Optional[torch.Tensor] = None,
+             gamma: float = 0.5, discopop_tau: float = 0.05, backend: str = "auto"):
+    """DPO-family loss of per-pair log-probs [B]; returns (loss, metrics) with TRL's metric names.
+
+    ``ref_*_logps=None`` is reference-free (the reference counts as log-prob 0, as
+    TRL's ``reference_free``), allowed for losses that see the policy only through
+    the chosen-rejected margin. ``chosen_lengths``/``rejected_lengths`` (scored
+    tokens per sequence) are needed by ipo, sigmoid_norm, simpo and sft.
+    Metrics are detached tensors: nothing here synchronizes with the host.
+    """
+    params = make_params(loss_type, loss_weights, beta, label_smoothing, f_divergence_type,
+                         f_alpha_divergence_coef, gamma, discopop_tau)
+    pc, pr = policy_chosen_logps, policy_rejected_logps
+    if not isinstance(pc, torch.Tensor) or pc.dim() != 1 or pc.shape[0] == 0:
+        raise ValueError("policy_chosen_logps must be a non-empty 1-D tensor [B] (one value per pair)")
+    B, device = pc.shape[0], pc.device
+    _check_logps("policy_rejected_logps", pr, B, device)
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
+    if ref_chosen_logps is None:
+        need = [t for t in params.loss_types if t not in REFERENCE_FREE_LOSSES]
+        if need or (params.f_divergence_type != "reverse_kl" and set(params.loss_types) - {"sft", "simpo"}):
+            raise ValueError(f"loss_type {need or list(params.loss_types)} with f_divergence_type="
+                             f"{params.f_divergence_type!r} needs ref_chosen_logps and ref_rejected_logps; "
+                             f"reference-free works for {list(REFERENCE_FREE_LOSSES)} (with reverse_kl)")
+    else:
+        _check_logps("ref_chosen_logps", ref_chosen_logps, B, device)
+        _check_logps("ref_rejected_logps", ref_rejected_logps, B, device)
+    if set(params.loss_types) & set(LENGTH_LOSSES):
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError(f"loss_type {[t for t in params.loss_types if t in LENGTH_LOSSES]} needs chosen_lengths "
+                             "and rejected_lengths (scored tokens per sequence); linear_dpo_loss derives them")
+        _check_logps("chosen_lengths", chosen_lengths, B, device, integer_ok=True)
+        _check_logps("rejected_lengths", rejected_lengths, B, device, integer_ok=True)
+    backend = resolve_backend("torch" if backend == "reference" else backend, pc)
+    loss = DPOLossFn.apply(pc, pr, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
+                           params, backend)
+    return loss, _metrics(pc, pr, ref_chosen_logps, ref_rejected_logps, params.beta)
+
+
+def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    ref_chosen_logps: Optional[torch.Tensor] = None, ref_rejected_logps: Optional[torch.Tensor] = None,
+                    *, beta: float = 0.1, loss_type: Union[str, Sequence[str]] = "sigmoid",
+                    bias: Optional[torch.Tensor] = None, ignore_index: int = -100, logit_scale: float = 1.0,
+                    softcap: Optional[float] = None, temperature: float = 1.0,
+                    ref_hidden: Optional[torch.Tensor] = None, ref_weight: Optional[torch.Tensor] = None,
+                    ref_bias: Optional[torch.Tensor] = None, backend: str = "auto", **loss_kwargs):
+    """Hidden states [2B, T, D] (B chosen rows, then B rejected) and lm_head weight [V, D] -> (loss, metrics).
+
+    The reference comes as log-probs [B] each, or as ``ref_hidden`` (+ ``ref_weight``,
+    default ``weight``): then its log-probs are computed by the same fused op under no-grad.
+    Sequence lengths for the length-normalized losses are counted from ``labels``.
+    Other keyword options (label_smoothing, loss_weights, f_divergence_type, gamma, ...) as in ``dpo_loss``.
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise ValueError("hidden must be a tensor [2B, T, D]: the B chosen rows, then the B rejected rows")
+    if hidden.shape[0] % 2:
+        raise ValueError(f"hidden must stack chosen and rejected rows ([2B, T, D]); got an odd row count "
+                         f"{hidden.shape[0]}")
+    logp_kw = dict(bias=bias, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
+                   temperature=temperature, backend=backend)
+    if ref_hidden is not None:
+        if ref_chosen_logps is not None or ref_rejected_logps is not None:
+            raise ValueError("give the reference either as ref_hidden or as ref_*_logps, not both")
+        with torch.no_grad():
+            ref = sequence_logps(ref_hidden, weight if ref_weight is None else ref_weight, labels,
+                                 **{**logp_kw, "bias": bias if ref_bias is None else ref_bias})
+        ref_chosen_logps, ref_rejected_logps = ref.chunk(2)
+    logps = sequence_logps(hidden, weight, labels, **logp_kw)
+    lengths = (labels != ignore_index).sum(1).to(logps.dtype)
+    pc, pr = logps.chunk(2)
+    lc, lr = lengths.chunk(2)
+    return dpo_loss(pc, pr, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
+                    chosen_lengths=lc, rejected_lengths=lr, backend=backend, **loss_kwargs)
+
+
+class DPOLoss(torch.nn.Module):
+    """``dpo_loss`` with its options held: ``DPOLoss(beta=0.1, loss_type="ipo")(pc, pr, rc, rr, ...)``."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
+                **kwargs):
+        return dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                        **{**self.options, **kwargs})
+
+
+class LinearDPOLoss(torch.nn.Module):
+    """``linear_dpo_loss`` with its options held: ``LinearDPOLoss(beta=0.1)(hidden, lm_head.weight, labels, rc, rr)``."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, **kwargs):
+        return linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps,
+                               **{**self.options, **kwargs})
