@@ -24,8 +24,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_rows(n: int, vocab: int, itemsize: int, count: int) -> int:
-    return max(1, min(n, CHUNK_BYTES // (vocab * itemsize * count)))
+def _chunk_rows(n: int, vocab: int, itemsize: int, count: int, budget: int) -> int:
+    return max(1, min(n, budget // (vocab * itemsize * count)))
 
 
 def _transform_(z: torch.Tensor, p: LogpsParams) -> torch.Tensor:
@@ -63,9 +63,9 @@ def _logp_and_lse_(z: torch.Tensor, y: torch.Tensor):
 class _Chunks:
     """Valid-token chunks sharing reusable [rows, V] buffers (``bufs`` may come from the forward)."""
 
-    def __init__(self, n: int, vocab: int, dtype: torch.dtype, device, count: int = 1, bufs=None):
+    def __init__(self, n: int, vocab: int, dtype: torch.dtype, device, count: int = 1, bufs=None, budget=None):
         self.n = n
-        self.rows = _chunk_rows(n, vocab, torch.finfo(dtype).bits // 8, count)
+        self.rows = _chunk_rows(n, vocab, torch.finfo(dtype).bits // 8, count, budget or CHUNK_BYTES)
         self.bufs = bufs or [torch.empty(self.rows, vocab, dtype=dtype, device=device) for _ in range(count)]
 
     def __iter__(self):
@@ -96,6 +96,28 @@ def _linear_logits(buf, hc, w, bias, p: LogpsParams) -> torch.Tensor:
     return _transform_(buf, p)
 
 
+def accumulate_chunk(m, k_y, hc, w_c, yc, rows, ga_h, ga_w, dh, dw, db):
+    """Add one chunk's gradient terms, M = softmax * k [c, V], scaled per token (ga_* [c, 1]):
+
+    2. dh_t = ga_h (k_y w_y - (M @ W)_t)        written to rows of dh      # [c, D]
+    3. dW  += scatter_y(ga_w k_y h) - M^T @ (ga_w h)                        # [V, D]
+    4. db  += scatter_y(ga_w k_y)   - M^T @ ga_w                            # [V]
+    (k_y None: no softcap, k = 1.) Any of dh, dw, db may be None.
+    """
+    gy = ga_w if k_y is None else ga_w * k_y
+    if dh is not None:
+        w_y = w_c.index_select(0, yc)                                      # [c, D]
+        if k_y is not None:
+            w_y.mul_(k_y)
+        dh.index_copy_(0, rows, w_y.sub_(torch.mm(m, w_c)).mul_(ga_h).to(dh.dtype))
+    if dw is not None:
+        dw.addmm_(m.t(), hc * ga_w, alpha=-1.0)
+        dw.index_add_(0, yc, hc * gy)
+    if db is not None:
+        db.addmv_(m.t(), ga_w.squeeze(1), alpha=-1.0)
+        db.index_add_(0, yc, gy.squeeze(1))
+
+
 def linear_fwd(h, w, bias, idx, y, p: LogpsParams, keep_tail: bool = False):
     """h [M, D], w [V, D], idx/y [N] -> (logp [N], lse [N], Tail | None) for the rows h[idx].
 
@@ -119,9 +141,7 @@ def linear_bwd(h, w, bias, idx, y, g, p: LogpsParams, need_dh, need_dw, need_db,
 
     1. recompute z and M = softmax(z) * k for the chunk           # [c, V]
        (the row-wise softmax recomputes each row's lse in cache: no saved lse needed)
-    2. dh_t = alpha g_t (k_y w_y - (M @ W)_t)                      # [c, D]
-    3. dW   = scatter_y(alpha g k_y h) - M^T @ (alpha g h)         # [V, D]
-    4. db   = scatter_y(alpha g k_y)   - M^T @ (alpha g)           # [V]
+    2.-4. ``accumulate_chunk`` with ga = alpha * g_t
     """
     cdt = compute_dtype(h.dtype)
     w_c, b_c = w.to(cdt), None if bias is None else bias.to(cdt)
@@ -146,19 +166,7 @@ def linear_bwd(h, w, bias, idx, y, g, p: LogpsParams, need_dh, need_dw, need_db,
         if k_y is not None:
             m.mul_(k)                                                      # M = p * k
         ga = (g[sl] * p.alpha)[:, None]                                    # [c, 1]
-        ga_y = ga if k_y is None else ga * k_y
-        if need_dh:
-            w_y = w_c.index_select(0, yc)                                  # [c, D]
-            if k_y is not None:
-                w_y.mul_(k_y)
-            dh_c = w_y.sub_(torch.mm(m, w_c)).mul_(ga)
-            dh.index_copy_(0, rows, dh_c.to(h.dtype))
-        if need_dw:
-            dw.addmm_(m.t(), hc * ga, alpha=-1.0)
-            dw.index_add_(0, yc, hc * ga_y)
-        if need_db:
-            db.addmv_(m.t(), ga.squeeze(1), alpha=-1.0)
-            db.index_add_(0, yc, ga_y.squeeze(1))
+        accumulate_chunk(m, k_y, hc, w_c, yc, rows, ga, ga, dh, dw, db)
     return (dh,
             None if dw is None else dw.to(w.dtype),
             None if db is None else db.to(bias.dtype))

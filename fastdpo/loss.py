@@ -15,6 +15,9 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _pair_loss
+from ._fused_loss import FusedLinearDPO, tie
+from ._params import LogpsParams
+from ._validate import check_labels, check_linear_inputs
 from .logps import resolve_backend, sequence_logps
 from .reference import F_DIVERGENCES, LOSS_TYPES
 
@@ -238,12 +241,42 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             ref = sequence_logps(ref_hidden, weight if ref_weight is None else ref_weight, labels,
                                  **{**logp_kw, "bias": bias if ref_bias is None else ref_bias})
         ref_chosen_logps, ref_rejected_logps = ref.chunk(2)
+    params = make_params(loss_type, loss_kwargs.get("loss_weights"), beta, loss_kwargs.get("label_smoothing", 0.0),
+                         loss_kwargs.get("f_divergence_type", "reverse_kl"),
+                         loss_kwargs.get("f_alpha_divergence_coef", 0.5), loss_kwargs.get("gamma", 0.5),
+                         loss_kwargs.get("discopop_tau", 0.05))
+    fused = _one_pass(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, params, backend)
+    if fused is not None:
+        lp = LogpsParams(ignore_index=ignore_index, logit_scale=float(logit_scale),
+                         softcap=None if softcap is None else float(softcap), temperature=float(temperature))
+        labels = check_labels(labels, hidden.shape[:2], hidden.device, weight.shape[0], ignore_index)
+        loss, pc, pr = FusedLinearDPO.apply(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps,
+                                            lp, params, fused)
+        return loss, _metrics(pc, pr, ref_chosen_logps, ref_rejected_logps, params.beta)
     logps = sequence_logps(hidden, weight, labels, **logp_kw)
     lengths = (labels != ignore_index).sum(1).to(logps.dtype)
     pc, pr = logps.chunk(2)
     lc, lr = lengths.chunk(2)
     return dpo_loss(pc, pr, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
                     chosen_lengths=lc, rejected_lengths=lr, backend=backend, **loss_kwargs)
+
+
+def _one_pass(hidden, weight, bias, labels, ref_c, ref_r, params: DPOParams, backend: str) -> Optional[str]:
+    """The tie kind when the one-pass path applies (chunked PyTorch backend, fp32/fp64, a loss that ties
+    the rejected gradient to the chosen one, references without gradient), else None."""
+    check_linear_inputs(hidden, weight, bias)
+    if resolve_backend(backend, hidden) != "torch" or hidden.dtype not in (torch.float32, torch.float64):
+        return None
+    if any(r is not None and r.requires_grad for r in (ref_c, ref_r)):
+        return None
+    for name, r in (("ref_chosen_logps", ref_c), ("ref_rejected_logps", ref_r)):
+        if r is not None:
+            _check_logps(name, r, hidden.shape[0] // 2, hidden.device)
+    if (ref_c is None) != (ref_r is None):
+        return None                      # dpo_loss raises the clear error
+    if ref_c is None and not set(params.loss_types) <= set(REFERENCE_FREE_LOSSES):
+        return None
+    return tie(params.loss_types, params.f_divergence_type)
 
 
 class DPOLoss(torch.nn.Module):
