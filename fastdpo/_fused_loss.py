@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _chunked, _pair_loss
 from ._params import LogpsParams
@@ -114,6 +115,7 @@ class FusedLinearDPO(torch.autograd.Function):
         return loss.to(torch.float64 if cdt == torch.float64 else torch.float32), pc, pr
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad, _pc, _pr):
         grads = [None if g is None else g * grad.to(g.dtype) for g in ctx.grads]
         ctx.grads = None

@@ -17,7 +17,8 @@ class LogpsParams:
     temperature: float = 1.0
     average: bool = False
     # Gradient filtering (Triton backward only): skip logit tiles where every
-    # |onehot - softmax| < filter_eps. None disables it.
+    # |onehot - softmax| < filter_eps (each skipped term is below the dtype's
+    # resolution; their sum need not be). None disables it.
     filter_eps: Optional[float] = None
     # Triton backward: True runs separate dH and dW passes without atomics
     # (bitwise reproducible, one extra recompute of the logits).

@@ -6,6 +6,7 @@ expected, raised before any kernel runs.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -23,6 +24,8 @@ def _check_float_tensor(name: str, x, ndim: int) -> None:
 
 def check_labels(labels, shape: tuple, device: torch.device, vocab: int, ignore_index: int) -> torch.Tensor:
     """Return ``labels`` as int64 after checking type, shape, device and range."""
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -44,12 +47,19 @@ def check_labels(labels, shape: tuple, device: torch.device, vocab: int, ignore_
     return labels
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def check_transform(logit_scale, softcap, temperature) -> None:
-    for name, value in (("logit_scale", logit_scale), ("temperature", temperature)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    if softcap is not None and (not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    for name, value in (("logit_scale", logit_scale), ("temperature", temperature), ("softcap", softcap)):
+        if value is None and name == "softcap":
+            continue
+        if not _is_number(value):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        if not math.isfinite(value) or value <= 0:
+            kind = "None or a finite number > 0" if name == "softcap" else "a finite number > 0"
+            raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
 def check_linear_inputs(hidden, weight, bias) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _chunked, reference
 from ._params import LogpsParams
@@ -19,11 +20,6 @@ BACKENDS = ("auto", "triton", "torch", "reference")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _interpreting() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """'auto' -> 'triton' for CUDA tensors Triton supports, else 'torch'."""
     if backend not in BACKENDS:
@@ -31,12 +27,16 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend == "auto":
         return "triton" if x.is_cuda and x.dtype in TRITON_DTYPES else "torch"
     if backend == "triton":
-        if not (x.is_cuda or _interpreting()):
-            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
-                             f"imported); got tensors on {x.device}. Use backend='torch' or 'auto'.")
         if x.dtype not in TRITON_DTYPES:
             raise TypeError(f"backend='triton' supports float32, bfloat16 and float16, got {x.dtype}; "
                             "use backend='torch'")
+        try:
+            from .kernels.config import INTERPRETING
+        except ImportError as e:
+            raise ValueError(f"backend='triton' needs the triton package ({e}); use backend='torch'") from None
+        if not (x.is_cuda or INTERPRETING):
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+                             f"imported); got tensors on {x.device}. Use backend='torch' or 'auto'.")
     return backend
 
 
@@ -47,6 +47,14 @@ def resolve_filter_eps(filter_eps: Union[str, float, None], dtype: torch.dtype) 
     if filter_eps is None or (isinstance(filter_eps, (int, float)) and 0 <= filter_eps < 1):
         return float(filter_eps) if filter_eps else None
     raise ValueError(f"filter_eps must be 'auto', None or a number in [0, 1), got {filter_eps!r}")
+
+
+def logps_params(ignore_index, logit_scale, softcap, temperature, average=False, **kw) -> LogpsParams:
+    """Checked options -> LogpsParams (floats normalized)."""
+    check_transform(logit_scale, softcap, temperature)
+    return LogpsParams(ignore_index=ignore_index, logit_scale=float(logit_scale),
+                       softcap=None if softcap is None else float(softcap), temperature=float(temperature),
+                       average=average, **kw)
 
 
 def _scored(labels: torch.Tensor, ignore_index: int):
@@ -102,6 +110,7 @@ class LinearLogps(torch.autograd.Function):
         return _per_sequence(logp, rows, (B, T), counts, params.average)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_seq, grad_tok):
         h, w, b, rows, y, lse, counts = ctx.saved_tensors
         p, (B, T, D) = ctx.params, ctx.shape
@@ -144,6 +153,7 @@ class LogitsLogps(torch.autograd.Function):
         return _per_sequence(logp, rows, (B, T), counts, params.average)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_seq, grad_tok):
         x, flat, rows, y, lse, counts = ctx.saved_tensors
         p, (B, T, V) = ctx.params, ctx.shape
@@ -186,8 +196,9 @@ def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     ``"triton"``, ``"torch"`` or ``"reference"`` (materializes logits).
     filter_eps: Triton backward only; skips logit tiles where every
     ``|onehot - softmax| < filter_eps``. ``"auto"`` = ``finfo(dtype).eps / 32``
-    for bf16/fp16 (a skipped tile changes each gradient entry by less than
-    that fraction of the target term), off for fp32; ``None`` turns it off.
+    for bf16/fp16 (each skipped term is below the input dtype's resolution
+    relative to the target term; many skipped tiles can add up to more, as in
+    CCE), off for fp32; ``None`` turns it off.
     deterministic: Triton backward without atomics (one extra logit recompute).
 
     A non-finite hidden value makes the log-probs of its own sequence NaN
@@ -201,10 +212,8 @@ def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         return reference.sequence_logps(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, logit_scale=logit_scale,
             softcap=softcap, temperature=temperature, average=average, return_token_logps=return_token_logps)
-    params = LogpsParams(ignore_index=ignore_index, logit_scale=float(logit_scale),
-                         softcap=None if softcap is None else float(softcap), temperature=float(temperature),
-                         average=average, filter_eps=resolve_filter_eps(filter_eps, hidden.dtype),
-                         deterministic=deterministic)
+    params = logps_params(ignore_index, logit_scale, softcap, temperature, average,
+                          filter_eps=resolve_filter_eps(filter_eps, hidden.dtype), deterministic=deterministic)
     seq, token = LinearLogps.apply(hidden, weight, bias, labels, params, backend)
     return _finish(seq, token, return_token_logps)
 
@@ -223,8 +232,6 @@ def sequence_logps_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, ig
         return reference.sequence_logps_from_logits(
             logits, labels, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
             temperature=temperature, average=average, return_token_logps=return_token_logps)
-    params = LogpsParams(ignore_index=ignore_index, logit_scale=float(logit_scale),
-                         softcap=None if softcap is None else float(softcap), temperature=float(temperature),
-                         average=average)
+    params = logps_params(ignore_index, logit_scale, softcap, temperature, average)
     seq, token = LogitsLogps.apply(logits, labels, params, backend)
     return _finish(seq, token, return_token_logps)

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _pair_loss
 from ._fused_loss import FusedLinearDPO, tie
-from ._params import LogpsParams
 from ._validate import check_labels, check_linear_inputs
-from .logps import resolve_backend, sequence_logps
+from .logps import logps_params, resolve_backend, sequence_logps
 from .reference import F_DIVERGENCES, LOSS_TYPES
 
 BATCH_LOSSES = ("aot", "aot_unpaired", "sft")
@@ -146,6 +146,7 @@ class DPOLossFn(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         gpc, gpr, grc, grr = (grad * g for g in ctx.saved_tensors)
         need = ctx.needs_input_grad
@@ -247,8 +248,7 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                          loss_kwargs.get("discopop_tau", 0.05))
     fused = _one_pass(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, params, backend)
     if fused is not None:
-        lp = LogpsParams(ignore_index=ignore_index, logit_scale=float(logit_scale),
-                         softcap=None if softcap is None else float(softcap), temperature=float(temperature))
+        lp = logps_params(ignore_index, logit_scale, softcap, temperature)
         labels = check_labels(labels, hidden.shape[:2], hidden.device, weight.shape[0], ignore_index)
         loss, pc, pr = FusedLinearDPO.apply(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps,
                                             lp, params, fused)

@@ -5,8 +5,10 @@ Naming convention, used in every kernel and launcher here:
 - ``N``: valid (scored) tokens, the rows a kernel works on; ``M``: all rows of
   the flattened input (``B * T``); ``V``: vocabulary; ``D``: hidden size.
 - ``BLOCK_N`` / ``BLOCK_V`` / ``BLOCK_D``: tile sizes along those axes.
-- ``HAS_*`` / ``COMPUTE_*``: feature flags, derived by ``triton.heuristics``
-  from whether the matching pointer (or option) is ``None``; never passed by hand.
+- ``HAS_*`` / ``COMPUTE_*`` / ``FILTER``: feature flags, derived by
+  ``triton.heuristics`` from whether the matching pointer (or option) is
+  ``None``/zero; never passed by hand. Other constexprs (``UPCAST``,
+  ``DOT_PRECISION``, ``LOOP_N``/``LOOP_V``) are chosen by the launchers.
 - ``l``: a raw logit ``h . w + b``; ``z``: the transformed logit
   ``softcap * tanh(l * scale / softcap) / temperature``; ``lse``: logsumexp of z.
 

@@ -22,13 +22,13 @@ class Blocks:
     num_stages: int = 2
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton decides at import whether its kernels are interpreted; read it once, here, at the same moment.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:
     """The interpreter multiplies bf16 bit patterns in tl.dot (triton #11584): upcast there."""
-    return interpreting() and dtype == torch.bfloat16
+    return INTERPRETING and dtype == torch.bfloat16
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -36,19 +36,29 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def linear_blocks(dtype: torch.dtype, backward: bool) -> Blocks:
+def linear_blocks(dtype: torch.dtype) -> Blocks:
     override = os.environ.get("FASTDPO_BLOCKS")
     if override:
-        bn, bv, bd, warps = (int(x) for x in override.split(","))
-        return Blocks(bn, bv, bd, warps)
-    if interpreting():
+        return _parse_blocks(override)
+    if INTERPRETING:
         return Blocks(16, 32, 16, 4)
     if dtype == torch.float32:
         return Blocks(64, 64, 32, 4)
-    return Blocks(128, 128, 64, 8, 3) if backward else Blocks(128, 128, 64, 8, 3)
+    return Blocks(128, 128, 64, 8, 3)
+
+
+def _parse_blocks(text: str) -> Blocks:
+    try:
+        bn, bv, bd, warps = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"FASTDPO_BLOCKS must be 'BLOCK_N,BLOCK_V,BLOCK_D,WARPS' integers, got {text!r}") from None
+    for name, v in (("BLOCK_N", bn), ("BLOCK_V", bv), ("BLOCK_D", bd), ("WARPS", warps)):
+        if v < 1 or v & (v - 1) or (name != "WARPS" and v < 16):
+            raise ValueError(f"FASTDPO_BLOCKS: {name}={v} must be a power of two (tiles >= 16), got {text!r}")
+    return Blocks(bn, bv, bd, warps)
 
 
 def logits_blocks() -> Blocks:
-    if interpreting():
+    if INTERPRETING:
         return Blocks(4, 32, 1, 4)
     return Blocks(1, 2048, 1, 8)

@@ -139,14 +139,21 @@ def _logps_bwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, lse_ptr, g_ptr,
             if FILTER:
                 # 2. gradient filtering: a tile whose |onehot - p| is below the
                 #    input dtype's resolution everywhere contributes nothing visible
-                keep = tl.max(tl.max(tl.abs(dz), 1), 0) >= filter_eps
+                #    (padding rows and columns do not count; NaN counts as large)
+                mag = tl.where(dz == dz, tl.abs(dz), float("inf"))
+                mag = tl.where(mask_n[:, None] & mask_v[None, :], mag, 0.0)
+                keep = tl.max(tl.max(mag, 1), 0) >= filter_eps
             if keep:
                 if HAS_SOFTCAP:
                     dz = dz * softcap_slope(tl.where(mask_v[None, :], z, 0.0), softcap, inv_temp)
-                # 3. dL = g * alpha * (onehot - p) * k; zero outside the valid tile
-                dl = tl.where(mask_n[:, None] & mask_v[None, :], dz * g[:, None], 0.0)
+                # 3. dL = g * alpha * (onehot - p) * k; zero outside the valid tile.
+                #    dH takes the per-row g after its product (in fp32), so an fp16
+                #    operand never holds g * p: no overflow or underflow from g's scale.
+                dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
+                dl = dz * g[:, None]
                 if COMPUTE_DB:
                     _add(db_ptr + offs_v, tl.sum(dl, 0), mask_v, ATOMIC)
+                dz_lo = to_dot_operand(dz, out_ty, UPCAST)
                 dl_lo = to_dot_operand(dl, out_ty, UPCAST)
                 for d0 in range(0, D, BLOCK_D):
                     offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -155,8 +162,8 @@ def _logps_bwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, lse_ptr, g_ptr,
                         # 4. dH[n, d] += dL @ W[v, d]        (dh is compact: [N, D] fp32)
                         w = tl.load(w_ptr + offs_v.to(tl.int64)[:, None] * stride_w + offs_d[None, :],
                                     mask=mask_v[:, None] & mask_d[None, :], other=0.0)
-                        part = dot(dl_lo, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32),
-                                   UPCAST, DOT_PRECISION)
+                        part = dot(dz_lo, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32),
+                                   UPCAST, DOT_PRECISION) * g[:, None]
                         _add(dh_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], part,
                              mask_n[:, None] & mask_d[None, :], ATOMIC)
                     if COMPUTE_DW:
@@ -183,7 +190,7 @@ def logps_fwd(h, w, bias, rows, y, *, scale=1.0, softcap=None, temperature=1.0):
     lse = torch.empty(N, dtype=torch.float32, device=h.device)
     if N == 0:
         return logp, lse
-    cfg = linear_blocks(h.dtype, backward=False)
+    cfg = linear_blocks(h.dtype)
     grid = (triton.cdiv(N, cfg.BLOCK_N),)
     _logps_fwd_kernel[grid](
         h, w, bias, rows, y, logp, lse, N, V, D, h.stride(0), w.stride(0),
@@ -210,7 +217,7 @@ def logps_bwd(h, w, bias, rows, y, lse, g, *, need_dh, need_dw, need_db, scale=1
     db = torch.zeros(V, **f32) if need_db else None
     if N == 0 or not (need_dh or need_dw or need_db):
         return dh, dw, db
-    cfg = linear_blocks(h.dtype, backward=True)
+    cfg = linear_blocks(h.dtype)
     n_blocks, v_blocks = triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V)
     common = dict(N=N, V=V, D=D, stride_h=h.stride(0), stride_w=w.stride(0), scale=float(scale),
                   softcap=float(softcap or 0.0), inv_temp=1.0 / temperature,

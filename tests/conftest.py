@@ -29,11 +29,18 @@ TOLERANCE = {
 DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "requires_triton: runs Triton kernels (interpreter or CUDA)")
+
+
 def pytest_collection_modifyitems(config, items):
+    """Without Triton, skip what runs its kernels: the requires_triton tests and backend='triton' cases."""
+    if HAS_TRITON:
+        return
     skip = pytest.mark.skip(reason="triton is not installed")
     for item in items:
         params = getattr(item, "callspec", None)
-        if not HAS_TRITON and params is not None and params.params.get("backend") == "triton":
+        if "requires_triton" in item.keywords or (params is not None and params.params.get("backend") == "triton"):
             item.add_marker(skip)
 
 

@@ -27,6 +27,16 @@ def test_bad_inputs(mutate, error, match):
         fastdpo.sequence_logps(*mutate(*inputs()))
 
 
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(logit_scale=True), TypeError, "logit_scale must be a real number"),
+    (dict(temperature="1"), TypeError, "temperature must be a real number"),
+    (dict(ignore_index=None), TypeError, "ignore_index must be an int"),
+])
+def test_bad_option_types(kw, error, match):
+    with pytest.raises(error, match=match):
+        fastdpo.sequence_logps(*inputs(), **kw)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(logit_scale=0.0), "logit_scale must be a finite number > 0"),
     (dict(temperature=-1.0), "temperature must be"),
@@ -47,8 +57,10 @@ def test_ignore_index_outside_vocab_is_accepted():
     assert torch.isfinite(fastdpo.sequence_logps(h, w, y, ignore_index=-1)).all()
 
 
+@pytest.mark.requires_triton
 def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from fastdpo.kernels import config
+    monkeypatch.setattr(config, "INTERPRETING", False)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         fastdpo.sequence_logps(*inputs(), backend="triton")
 
