@@ -227,6 +227,13 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     default ``weight``): then its log-probs are computed by the same fused op under no-grad.
     Sequence lengths for the length-normalized losses are counted from ``labels``.
     Other keyword options (label_smoothing, loss_weights, f_divergence_type, gamma, ...) as in ``dpo_loss``.
+
+    One pass on the chunked PyTorch path (CPU): for sigmoid, hinge, exo_pair, robust,
+    discopop (and, length-normalized, ipo, sigmoid_norm, simpo) with reverse KL, the
+    rejected sequence's upstream gradient is tied to the chosen one, so the gradients
+    are formed while scoring: three matrix products instead of sequence_logps' four
+    (no logit recompute), for one extra [V, D] fp32 accumulator. Other losses, CUDA
+    and 16-bit inputs use sequence_logps + dpo_loss.
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise ValueError("hidden must be a tensor [2B, T, D]: the B chosen rows, then the B rejected rows")
