@@ -35,6 +35,16 @@ def dot(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def online_lse_step(m, s, z_y, z, offs_v, y):
+    """One vocabulary tile z [BN, BV] of the online logsumexp and the target pick:
+    m' = max(m, max_v z); s = s * exp(m - m') + sum_v exp(z - m'); z_y += z[y] if y in the tile."""
+    m_new = tl.maximum(m, tl.max(z, 1))
+    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+    z_y += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), 1)
+    return m_new, s, z_y
+
+
+@triton.jit
 def rtne_bf16(x):
     """x (fp32) rounded to the nearest bf16 value, kept in fp32: the GPU's fp32 -> bf16 cast.
 

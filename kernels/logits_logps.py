@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tile import rtne_bf16, softcap_slope, transform
+from ._tile import online_lse_step, rtne_bf16, softcap_slope, transform
 from .config import logits_blocks, upcast_dot
 
 
@@ -33,10 +33,7 @@ def _logits_logps_fwd_kernel(x_ptr, rows_ptr, y_ptr, logp_ptr, lse_ptr, N, V, st
         x = tl.load(x_ptr + rows[:, None] * stride_x + offs_v[None, :],
                     mask=mask_n[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
         z = tl.where(mask_v[None, :], transform(x, scale, softcap, inv_temp, HAS_SOFTCAP), float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, 1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
-        m = m_new
-        z_y += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), 1)
+        m, s, z_y = online_lse_step(m, s, z_y, z, offs_v, y)
     lse = m + tl.log(s)
     tl.store(lse_ptr + offs_n, lse, mask=mask_n)
     tl.store(logp_ptr + offs_n, z_y - lse, mask=mask_n)

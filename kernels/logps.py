@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tile import dot, softcap_slope, to_dot_operand, transform
+from ._tile import dot, online_lse_step, softcap_slope, to_dot_operand, transform
 from .config import dot_precision, linear_blocks, upcast_dot
 
 
@@ -68,10 +68,7 @@ def _logps_fwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, logp_ptr, lse_ptr
         z = _z_tile(h_ptr, w_ptr, bias_ptr, rows, mask_n, offs_v, V, D, stride_h, stride_w,
                     scale, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION,
                     BLOCK_N, BLOCK_V, BLOCK_D)
-        m_new = tl.maximum(m, tl.max(z, 1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
-        m = m_new
-        z_y += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), 1)
+        m, s, z_y = online_lse_step(m, s, z_y, z, offs_v, y)
     lse = m + tl.log(s)
     tl.store(lse_ptr + offs_n, lse, mask=mask_n)
     tl.store(logp_ptr + offs_n, z_y - lse, mask=mask_n)
