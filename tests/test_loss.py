@@ -121,5 +121,8 @@ def test_bad_shapes_and_missing_reference():
         L.dpo_loss(pc, pr, rc, None)
     with pytest.raises(ValueError, match=r"needs ref_chosen_logps and ref_rejected_logps"):
         L.dpo_loss(pc, pr, loss_type="bco_pair")
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['lable_smoothing'\]"):
+        L.linear_dpo_loss(torch.randn(2, 4, 8), torch.randn(10, 8), torch.randint(0, 10, (2, 4)), pc[:1], pr[:1],
+                          lable_smoothing=0.1)
     with pytest.raises(ValueError, match="odd row count 3"):
         L.linear_dpo_loss(torch.randn(3, 4, 8), torch.randn(10, 8), torch.randint(0, 10, (3, 4)))
