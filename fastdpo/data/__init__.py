@@ -1,0 +1,1 @@
+"""Small bundled datasets for fastdpo demos (see ``support_prefs.jsonl``)."""

@@ -1,0 +1,35 @@
+"""A small BPE tokenizer trained on the preference data at first use (the default run downloads nothing)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def _texts(pairs):
+    for row in pairs:
+        for key in ("prompt", "chosen", "rejected"):
+            yield row[key] if isinstance(row[key], str) else json.dumps(row[key])
+
+
+def trained_tokenizer(pairs, vocab_size: int, cache_dir: str):
+    """PreTrainedTokenizerFast trained on ``pairs`` (cached under cache_dir by the data's hash)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    digest = hashlib.sha256("\n".join(_texts(pairs)).encode() + str(vocab_size).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"tokenizer-{digest}.json")
+    if not os.path.exists(path):
+        tok = Tokenizer(models.BPE(unk_token=SPECIALS["unk_token"]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS.values()),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(_texts(pairs), trainer)
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        tok.save(tmp)
+        os.replace(tmp, path)
+    return PreTrainedTokenizerFast(tokenizer_file=path, **SPECIALS)

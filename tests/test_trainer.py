@@ -1,0 +1,157 @@
+"""The thin trainer: default run (shortened), cached reference, exact resume, bad input, CLI."""
+import json
+import os
+
+import pytest
+import torch
+
+from fastdpo import cli, prefdata, ref_cache, trainer
+from fastdpo.train_config import TrainConfig
+
+pytest.importorskip("datasets")
+
+
+def config(tmp_path, name="run", **kw):
+    base = dict(steps=6, batch_size=8, eval_every=3, save_every=3, warmup_steps=2, output_dir=str(tmp_path / name),
+                cache_dir=str(tmp_path / "cache"), progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+
+
+def test_default_run_shortened_learns_and_writes_the_run_directory(tmp_path):
+    cfg = config(tmp_path, steps=30, batch_size=16, eval_every=15, save_every=0, warmup_steps=5)
+    summary = trainer.train(cfg)
+    assert summary["after"]["eval/accuracy"] >= 0.9
+    assert summary["after"]["eval/margin"] > summary["before"]["eval/margin"]
+    out = cfg.output_dir
+    for name in ("metrics.jsonl", "training.png", "config.json", "summary.json", "model/config.json",
+                 "model/tokenizer.json"):
+        assert os.path.exists(os.path.join(out, name)), name
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(os.path.join(out, "model")).config.vocab_size > 0
+
+
+class PerStepReference:
+    """The reference computed at every step from a frozen copy of the initial model (what the cache replaces)."""
+
+    def __init__(self, model, examples, pad_id):
+        import copy
+        self.model, self.examples, self.pad_id = copy.deepcopy(model).eval(), examples, pad_id
+        self.calls = 0
+
+    def __getitem__(self, idx):
+        self.calls += 1
+        with torch.no_grad():
+            batch = prefdata.collate([self.examples[i] for i in idx], self.pad_id)
+            c, r = ref_cache.sequence_pair_logps(self.model, *batch).double().chunk(2)
+        return torch.stack([c, r], 1)
+
+
+def test_cached_reference_gives_the_losses_of_a_per_step_reference(tmp_path, monkeypatch):
+    cached = config(tmp_path, "cached")
+    trainer.train(cached)
+    made = []
+    original = trainer.reference_logps
+
+    def per_step(model, tokenizer, examples, cfg, device):
+        if not made:                        # the training split: recompute at every step
+            made.append(PerStepReference(model, examples, tokenizer.pad_token_id))
+            return made[0]
+        return original(model, tokenizer, examples, cfg, device)
+
+    monkeypatch.setattr(trainer, "reference_logps", per_step)
+    trainer.train(config(tmp_path, "per-step"))
+    assert made[0].calls == 6
+    # Same numbers up to fp32 rounding, not bitwise: the backbone pads each batch to its own longest
+    # sequence, and the cache pass groups examples differently than the training batches.
+    a, b = losses(cached.output_dir), losses(str(tmp_path / "per-step"))
+    assert [s for s, _ in a] == [s for s, _ in b]
+    torch.testing.assert_close(torch.tensor([l for _, l in a]), torch.tensor([l for _, l in b]), rtol=1e-5, atol=0)
+
+
+def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    trainer.train(config(tmp_path, "straight"))
+    interrupted = config(tmp_path, "interrupted")
+    real_log = trainer.log
+
+    def log_then_die(out, record):
+        real_log(out, record)
+        if record.get("step") == 5 and "loss" in record:
+            raise KeyboardInterrupt            # killed after step 5; the last checkpoint is step 3
+    monkeypatch.setattr(trainer, "log", log_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(interrupted)
+    monkeypatch.setattr(trainer, "log", real_log)
+    trainer.train(config(tmp_path, "interrupted", resume=True))
+    assert losses(str(tmp_path / "straight")) == losses(interrupted.output_dir)
+    assert [s for s, _ in losses(interrupted.output_dir)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_corrupt_or_foreign_cache_is_recomputed(tmp_path):
+    cfg = config(tmp_path, steps=1, eval_every=0, save_every=0)
+    trainer.train(cfg)
+    files = [f for f in os.listdir(cfg.cache_dir) if f.startswith("ref-logps-")]
+    assert len(files) == 2                          # train and eval splits
+    path = os.path.join(cfg.cache_dir, files[0])
+    blob = torch.load(path, weights_only=True)
+    with open(path, "wb") as f:                     # a partial, unreadable file
+        f.write(b"\x00" * 100)
+    assert ref_cache.load(cfg.cache_dir, blob["key"], blob["logps"].shape[0]) is None
+    ref_cache.save(cfg.cache_dir, blob["key"], blob["logps"])
+    assert torch.equal(ref_cache.load(cfg.cache_dir, blob["key"], blob["logps"].shape[0]), blob["logps"])
+    assert ref_cache.load(cfg.cache_dir, blob["key"], blob["logps"].shape[0] + 1) is None     # wrong count
+    tampered = dict(blob, logps=blob["logps"] + 1)                                             # bad checksum
+    torch.save(tampered, path)
+    assert ref_cache.load(cfg.cache_dir, blob["key"], blob["logps"].shape[0]) is None
+
+
+def test_bad_input_fails_early_with_a_clear_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--dataset: no such file"):
+        trainer.train(config(tmp_path, dataset=str(tmp_path / "missing.jsonl")))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    with pytest.raises(ValueError, match=r"needs 'chosen' and 'rejected' columns.*found \['answer', 'question'\]"):
+        trainer.train(config(tmp_path, dataset=str(bad)))
+    with pytest.raises(ValueError, match="--model 'no/such-model-here'"):
+        trainer.train(config(tmp_path, model="no/such-model-here"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="is not writable"):
+        trainer.train(config(tmp_path, output_dir=str(blocker / "sub")))
+    with pytest.raises(ValueError, match="--resume: no checkpoint"):
+        trainer.train(config(tmp_path, "never-ran", resume=True))
+
+
+def test_resume_from_a_different_config_is_refused(tmp_path):
+    trainer.train(config(tmp_path, steps=3, eval_every=0))
+    with pytest.raises(ValueError, match=r"different config \(beta differ\)"):
+        trainer.train(config(tmp_path, steps=3, eval_every=0, beta=0.5, resume=True))
+
+
+def test_prompts_longer_than_max_length_are_dropped_and_counted(tmp_path):
+    data = tmp_path / "d.jsonl"
+    rows = [{"prompt": "word " * 200, "chosen": "yes", "rejected": "no"}] + \
+           [{"prompt": "short question", "chosen": "a kind and specific answer", "rejected": "no"}] * 20
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.warns(UserWarning, match="dropped 1 of"):
+        trainer.train(config(tmp_path, dataset=str(data), steps=1, eval_every=0, save_every=0, max_length=32))
+
+
+def test_help_documents_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text
+    assert "(default: 200)" in text
+
+
+def test_yaml_config_and_flags(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("beta: 0.3\nsteps: 7\n")
+    cfg = cli.config_from_args(["train", "--config", str(y), "--steps", "9"])
+    assert (cfg.beta, cfg.steps) == (0.3, 9)
