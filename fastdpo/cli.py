@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"fastdpo train: error: {e}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":       # under torchrun, rank 0 reports
+        return 0
     b, a = summary["before"], summary["after"]
     print(f"\n{summary['train_examples']} train / {summary['eval_examples']} eval pairs")
     if b:

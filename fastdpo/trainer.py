@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import prefdata, ref_cache
+from ._dist import Dist
 from .loss import dpo_loss, linear_dpo_loss
 from .train_config import TrainConfig
 
@@ -49,14 +50,18 @@ def cache_dir(cfg: TrainConfig) -> str:
     return cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "fastdpo")
 
 
-def reference_logps(model, tokenizer, examples, cfg: TrainConfig, device) -> torch.Tensor:
-    """[n, 2] reference log-probs from the cache, or computed once and cached."""
+def reference_logps(model, tokenizer, examples, cfg: TrainConfig, dist: Dist) -> torch.Tensor:
+    """[n, 2] reference log-probs from the cache, or computed once (sharded across ranks) and cached."""
     key = ref_cache.fingerprint(model, tokenizer, examples, cfg.max_length)
     cached = ref_cache.load(cache_dir(cfg), key, len(examples))
     if cached is not None:
         return cached
-    logps = ref_cache.compute(model, examples, tokenizer.pad_token_id, cfg.batch_size, device, cfg.progress)
-    ref_cache.save(cache_dir(cfg), key, logps)
+    part = ref_cache.compute(model, dist.shard(examples), tokenizer.pad_token_id, cfg.batch_size, dist.device,
+                             cfg.progress and dist.main)
+    logps = dist.unshard(part, len(examples))
+    if dist.main:
+        ref_cache.save(cache_dir(cfg), key, logps)
+    dist.barrier()
     return logps
 
 
@@ -115,8 +120,10 @@ def lr_lambda(cfg: TrainConfig):
 
 # ------------------------------------------------------------------------------------------------ run directory
 
-def prepare_output_dir(cfg: TrainConfig) -> str:
+def prepare_output_dir(cfg: TrainConfig, main: bool = True) -> str:
     out = cfg.output_dir
+    if cfg.batch_size % int(os.environ.get("WORLD_SIZE", "1")):
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes")
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, ".write-test")
@@ -133,7 +140,7 @@ def prepare_output_dir(cfg: TrainConfig) -> str:
         diff = [k for k in TrainConfig.RESUME_KEYS if old.get(k) != getattr(cfg, k)]
         if diff:
             raise ValueError(f"--resume: {out!r} was written by a different config ({', '.join(diff)} differ)")
-    else:
+    elif main:
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
     return out
@@ -208,11 +215,12 @@ def plot(out):
 def train(cfg: TrainConfig) -> dict:
     from tqdm.auto import tqdm
 
-    out = prepare_output_dir(cfg)
+    dist = Dist()
+    out = prepare_output_dir(cfg, dist.main)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist.device
 
     # 1. load
     train_pairs, eval_pairs = prefdata.load_pairs(cfg.dataset, cfg.eval_fraction, cfg.seed)
@@ -223,8 +231,8 @@ def train(cfg: TrainConfig) -> dict:
     pad = tokenizer.pad_token_id
 
     # 2. reference log-probs, once: the initial policy is the reference; no second model is kept
-    ref_train = reference_logps(model, tokenizer, train_ex, cfg, device)
-    ref_eval = reference_logps(model, tokenizer, eval_ex, cfg, device)
+    ref_train = reference_logps(model, tokenizer, train_ex, cfg, dist)
+    ref_eval = reference_logps(model, tokenizer, eval_ex, cfg, dist)
 
     # 3. loop
     if cfg.gradient_checkpointing:
@@ -233,41 +241,50 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     start = load_checkpoint(out, model, optimizer, scheduler) if cfg.resume else 0
-    truncate_log(out, start if cfg.resume else -1)
+    if dist.main:
+        truncate_log(out, start if cfg.resume else -1)
     before = evaluate(model, eval_ex, ref_eval, pad, cfg, device) if start == 0 else None
-    if before:
+    if before and dist.main:
         log(out, {"step": 0, **before})
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm(range(start, cfg.steps), desc="training", disable=not cfg.progress, initial=start, total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc="training", disable=not (cfg.progress and dist.main), initial=start,
+               total=cfg.steps)
     for step in bar:
+        totals = {}
         for micro in range(cfg.grad_accum):
             idx = batch_indices(step * cfg.grad_accum + micro, len(train_ex), cfg.batch_size, cfg.seed)
             with autocast:
-                loss, metrics = pair_loss(model, train_ex, ref_train, idx, pad, cfg, device)
+                loss, metrics = pair_loss(model, train_ex, ref_train, dist.shard(idx), pad, cfg, device)
             (loss / cfg.grad_accum).backward()
+            for k, v in {"loss": loss, **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+        dist.average_grads(model.parameters())
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                  **{k: v.item() for k, v in metrics.items()}}
+        record = {"step": step + 1, "lr": scheduler.get_last_lr()[0],
+                  **{k: dist.mean_(v).item() for k, v in totals.items()}}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             record.update(evaluate(model, eval_ex, ref_eval, pad, cfg, device))
-        log(out, record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(out, model, optimizer, scheduler, step + 1)
+        if dist.main:
+            log(out, record)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                save_checkpoint(out, model, optimizer, scheduler, step + 1)
 
     # 4. save
     after = evaluate(model, eval_ex, ref_eval, pad, cfg, device)
-    log(out, {"step": cfg.steps, **after})
-    save_checkpoint(out, model, optimizer, scheduler, cfg.steps)
-    final = os.path.join(out, "model")
-    model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    summary = {"before": before, "after": after, "plot": plot(out), "model": final,
-               "train_examples": len(train_ex), "eval_examples": len(eval_ex)}
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    summary = {"before": before, "after": after, "train_examples": len(train_ex), "eval_examples": len(eval_ex)}
+    if dist.main:
+        log(out, {"step": cfg.steps, **after})
+        save_checkpoint(out, model, optimizer, scheduler, cfg.steps)
+        final = os.path.join(out, "model")
+        model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        summary.update(plot=plot(out), model=final)
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    dist.barrier()
     return summary

@@ -57,11 +57,11 @@ def test_cached_reference_gives_the_losses_of_a_per_step_reference(tmp_path, mon
     made = []
     original = trainer.reference_logps
 
-    def per_step(model, tokenizer, examples, cfg, device):
+    def per_step(model, tokenizer, examples, cfg, dist):
         if not made:                        # the training split: recompute at every step
             made.append(PerStepReference(model, examples, tokenizer.pad_token_id))
             return made[0]
-        return original(model, tokenizer, examples, cfg, device)
+        return original(model, tokenizer, examples, cfg, dist)
 
     monkeypatch.setattr(trainer, "reference_logps", per_step)
     trainer.train(config(tmp_path, "per-step"))
@@ -155,3 +155,24 @@ def test_yaml_config_and_flags(tmp_path):
     y.write_text("beta: 0.3\nsteps: 7\n")
     cfg = cli.config_from_args(["train", "--config", str(y), "--steps", "9"])
     assert (cfg.beta, cfg.steps) == (0.3, 9)
+
+
+def test_two_process_run_gives_the_single_process_loss_curve(tmp_path):
+    """torchrun with 2 CPU processes (gloo), same global batch: the same losses as one process."""
+    import subprocess
+    import sys
+    common = ["--steps", "4", "--batch-size", "8", "--eval-every", "0", "--save-every", "0", "--warmup-steps", "2",
+              "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    single = str(tmp_path / "single")
+    double = str(tmp_path / "double")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "fastdpo", "train", "--output-dir", single, *common], check=True, env=env,
+                   capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          "29517", "-m", "fastdpo", "train", "--output-dir", double, *common], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = losses(single), losses(double)
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    # Not bitwise: two half-batch means averaged by an all-reduce, each padded to its own longest sequence.
+    torch.testing.assert_close(torch.tensor([l for _, l in a]), torch.tensor([l for _, l in b]), rtol=1e-5, atol=0)
