@@ -57,10 +57,13 @@ def _explicit(row):
 def _text_ids(tokenizer, prompt, completion):
     """Token ids of prompt and completion (chat template for conversational data), completion ending in EOS."""
     if isinstance(prompt, list):
-        p = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        full = tokenizer.apply_chat_template(prompt + completion, tokenize=True)
-        p, full = list(p), list(full)
-        c = full[len(p):]
+        p_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        if not full_text.startswith(p_text):
+            raise ValueError("the tokenizer's chat template does not render the prompt as a prefix of the full "
+                             "conversation; cannot mask the prompt")
+        p = tokenizer(p_text, add_special_tokens=False)["input_ids"]
+        c = tokenizer(full_text[len(p_text):], add_special_tokens=False)["input_ids"]
     else:
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         c = tokenizer(completion, add_special_tokens=False)["input_ids"]

@@ -6,6 +6,7 @@ name, and a partial or corrupt file is detected (and recomputed), never used.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,8 @@ def fingerprint(model, tokenizer, examples, max_length: int) -> str:
     """sha256 of the reference weights, the tokenizer's vocabulary, the tokenized data and the length setting."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
+        if "lora_" in name:            # LoRA: the reference is the base model, adapters disabled
+            continue
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
@@ -29,13 +32,21 @@ def fingerprint(model, tokenizer, examples, max_length: int) -> str:
     return h.hexdigest()
 
 
+def lm_head_inputs(model, input_ids, mask):
+    """(hidden [B, L-1, D], lm_head weight [V, D], options) of a causal LM, a PEFT-wrapped one included:
+    the backbone runs, the logits are left to the fused op (honouring logit softcapping and scaling)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, :-1]
+    cfg = base.config
+    options = dict(softcap=getattr(cfg, "final_logit_softcapping", None),
+                   logit_scale=getattr(cfg, "logit_scale", None) or 1.0)
+    return hidden, base.get_output_embeddings().weight, options
+
+
 def sequence_pair_logps(model, input_ids, mask, labels):
     """[2B] summed log-probs of a collated batch through the backbone and the fused log-prob op."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, :-1]
-    cfg = model.config
-    return sequence_logps(hidden, model.get_output_embeddings().weight, labels,
-                          softcap=getattr(cfg, "final_logit_softcapping", None),
-                          logit_scale=getattr(cfg, "logit_scale", None) or 1.0)
+    hidden, weight, options = lm_head_inputs(model, input_ids, mask)
+    return sequence_logps(hidden, weight, labels, **options)
 
 
 @torch.no_grad()
@@ -46,12 +57,15 @@ def compute(model, examples, pad_id, batch_size, device, progress) -> torch.Tens
     out = []
     was_training = model.training
     model.eval()
-    for s in tqdm(range(0, len(examples), batch_size), desc="reference log-probs", disable=not progress):
-        batch = [t.to(device) for t in prefdata.collate(examples[s:s + batch_size], pad_id)]
-        c, r = sequence_pair_logps(model, *batch).double().chunk(2)
-        out.append(torch.stack([c, r], 1).cpu())
+    # LoRA: the reference is the base model with its adapters disabled
+    adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with adapters_off:
+        for s in tqdm(range(0, len(examples), batch_size), desc="reference log-probs", disable=not progress):
+            batch = [t.to(device) for t in prefdata.collate(examples[s:s + batch_size], pad_id)]
+            c, r = sequence_pair_logps(model, *batch).double().chunk(2)
+            out.append(torch.stack([c, r], 1).cpu())
     model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.empty(0, 2, dtype=torch.float64)
 
 
 def _path(cache_dir, key):

@@ -6,6 +6,9 @@ import json
 import os
 
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+# For conversational data: "role: content" lines, each message closed by EOS.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 def _texts(pairs):
@@ -32,4 +35,6 @@ def trained_tokenizer(pairs, vocab_size: int, cache_dir: str):
         tmp = f"{path}.tmp-{os.getpid()}"
         tok.save(tmp)
         os.replace(tmp, path)
-    return PreTrainedTokenizerFast(tokenizer_file=path, **SPECIALS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=path, **SPECIALS)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer

@@ -36,6 +36,10 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping (0 turns it off)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward (saves memory)")
     seed: int = opt(0, "seed of the model init, data order and everything random")
+    lora_r: int = opt(0, "LoRA rank (0: train all weights); the reference is the base model, adapters disabled")
+    lora_alpha: int = opt(16, "LoRA alpha")
+    lora_dropout: float = opt(0.0, "LoRA dropout")
+    lora_target_modules: str = opt("all-linear", "LoRA targets: all-linear or comma-separated module names")
     # bookkeeping
     output_dir: str = opt("runs/fastdpo", "run directory: metrics.jsonl, plot, config, checkpoints, final model")
     eval_every: int = opt(50, "evaluate every N steps (0: only before and after)")
@@ -43,6 +47,7 @@ class TrainConfig:
     resume: bool = opt(False, "continue from the last checkpoint in --output-dir (same config required)")
     cache_dir: Optional[str] = opt(None, "reference log-prob and tokenizer cache (default: ~/.cache/fastdpo)")
     progress: bool = opt(True, "progress bars")
+    tensorboard: bool = opt(False, "also log to TensorBoard (output_dir/tensorboard)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -50,4 +55,4 @@ class TrainConfig:
     # the options that change what is computed: a resumed run must match them
     RESUME_KEYS = ("model", "dataset", "eval_fraction", "torch_dtype", "max_length", "beta", "loss_type", "steps",
                    "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm",
-                   "seed")
+                   "seed", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")

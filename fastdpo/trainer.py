@@ -46,6 +46,20 @@ def load_model(cfg: TrainConfig, train_pairs):
     return tokenizer, model
 
 
+def with_lora(model, cfg: TrainConfig):
+    """Wrap in LoRA adapters (peft) when --lora-r > 0; the reference stays the base model."""
+    if cfg.lora_r <= 0:
+        return model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ValueError("--lora-r needs the peft package (pip install peft)") from None
+    targets = cfg.lora_target_modules
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                      target_modules=targets if targets == "all-linear" else targets.split(","))
+    return get_peft_model(model, lora)
+
+
 def cache_dir(cfg: TrainConfig) -> str:
     return cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "fastdpo")
 
@@ -83,13 +97,10 @@ def batch_indices(k: int, n: int, batch_size: int, seed: int) -> list:
 def pair_loss(model, examples, ref, idx, pad_id, cfg: TrainConfig, device):
     batch = [examples[i] for i in idx]
     input_ids, mask, labels = (t.to(device) for t in prefdata.collate(batch, pad_id))
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, :-1]
+    hidden, weight, options = ref_cache.lm_head_inputs(model, input_ids, mask)
     ref_pairs = ref[idx].to(device=device, dtype=torch.float32)
-    mcfg = model.config
-    return linear_dpo_loss(hidden, model.get_output_embeddings().weight, labels, ref_pairs[:, 0], ref_pairs[:, 1],
-                           beta=cfg.beta, loss_type=cfg.loss_type,
-                           softcap=getattr(mcfg, "final_logit_softcapping", None),
-                           logit_scale=getattr(mcfg, "logit_scale", None) or 1.0)
+    return linear_dpo_loss(hidden, weight, labels, ref_pairs[:, 0], ref_pairs[:, 1], beta=cfg.beta,
+                           loss_type=cfg.loss_type, **options)
 
 
 @torch.no_grad()
@@ -180,9 +191,23 @@ def truncate_log(out, last_step: int):
         f.writelines(keep)
 
 
-def log(out, record):
+def log(out, record, board=None):
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+    if board is not None:
+        for key, value in record.items():
+            if key != "step":
+                board.add_scalar(key, value, record["step"])
+
+
+def tensorboard_writer(out, cfg: TrainConfig):
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter(os.path.join(out, "tensorboard"))
 
 
 def plot(out):
@@ -225,7 +250,7 @@ def train(cfg: TrainConfig) -> dict:
     # 1. load
     train_pairs, eval_pairs = prefdata.load_pairs(cfg.dataset, cfg.eval_fraction, cfg.seed)
     tokenizer, model = load_model(cfg, train_pairs)
-    model.to(device)
+    model = with_lora(model, cfg).to(device)
     train_ex = prefdata.tokenize(train_pairs, tokenizer, cfg.max_length, "train")
     eval_ex = prefdata.tokenize(eval_pairs, tokenizer, cfg.max_length, "eval")
     pad = tokenizer.pad_token_id
@@ -238,7 +263,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    board = tensorboard_writer(out, cfg) if dist.main else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     start = load_checkpoint(out, model, optimizer, scheduler) if cfg.resume else 0
     if dist.main:
@@ -258,9 +285,9 @@ def train(cfg: TrainConfig) -> dict:
             (loss / cfg.grad_accum).backward()
             for k, v in {"loss": loss, **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / cfg.grad_accum
-        dist.average_grads(model.parameters())
+        dist.average_grads(params)
         if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -270,7 +297,7 @@ def train(cfg: TrainConfig) -> dict:
             record.update(evaluate(model, eval_ex, ref_eval, pad, cfg, device))
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
         if dist.main:
-            log(out, record)
+            log(out, record, board)
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
                 save_checkpoint(out, model, optimizer, scheduler, step + 1)
 
@@ -278,7 +305,9 @@ def train(cfg: TrainConfig) -> dict:
     after = evaluate(model, eval_ex, ref_eval, pad, cfg, device)
     summary = {"before": before, "after": after, "train_examples": len(train_ex), "eval_examples": len(eval_ex)}
     if dist.main:
-        log(out, {"step": cfg.steps, **after})
+        log(out, {"step": cfg.steps, **after}, board)
+        if board is not None:
+            board.close()
         save_checkpoint(out, model, optimizer, scheduler, cfg.steps)
         final = os.path.join(out, "model")
         model.save_pretrained(final)

@@ -176,3 +176,39 @@ def test_two_process_run_gives_the_single_process_loss_curve(tmp_path):
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
     # Not bitwise: two half-batch means averaged by an all-reduce, each padded to its own longest sequence.
     torch.testing.assert_close(torch.tensor([l for _, l in a]), torch.tensor([l for _, l in b]), rtol=1e-5, atol=0)
+
+
+def cached_reference_tensors(cache_dir):
+    return sorted((torch.load(os.path.join(cache_dir, f), weights_only=True)["logps"]
+                   for f in os.listdir(cache_dir) if f.startswith("ref-logps-")), key=len)
+
+
+def test_lora_reference_is_the_base_model_and_only_adapters_train(tmp_path):
+    pytest.importorskip("peft")
+    trainer.train(config(tmp_path, "plain", steps=1, eval_every=0, save_every=0))
+    plain_refs = cached_reference_tensors(str(tmp_path / "cache"))
+    lora_cache = str(tmp_path / "lora-cache")
+    cfg = config(tmp_path, "lora", steps=3, eval_every=0, save_every=0, lora_r=4, tensorboard=True,
+                 cache_dir=lora_cache)
+    trainer.train(cfg)
+    for a, b in zip(plain_refs, cached_reference_tensors(lora_cache)):   # adapters disabled == base model
+        assert torch.equal(a, b)
+    assert os.path.exists(os.path.join(cfg.output_dir, "model", "adapter_model.safetensors"))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(cfg.output_dir, "tensorboard")))
+
+
+def test_conversational_data_masks_the_templated_prompt(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": f"where is order {i}?"}],
+             "chosen": [{"role": "assistant", "content": f"Order {i} ships today; here is the tracking link."}],
+             "rejected": [{"role": "assistant", "content": "No idea."}]} for i in range(24)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = config(tmp_path, dataset=str(data), steps=2, eval_every=0, save_every=0)
+    summary = trainer.train(cfg)
+    assert summary["train_examples"] + summary["eval_examples"] == 24
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.path.join(cfg.output_dir, "model"))
+    [example] = prefdata.tokenize(rows[:1], tok, 96, "check")
+    _, _, labels = prefdata.collate([example], tok.pad_token_id)
+    scored = tok.decode([t for t in labels[0].tolist() if t != -100])
+    assert "ships today" in scored and "where is order" not in scored
