@@ -116,6 +116,8 @@ def test_bad_input_fails_early_with_a_clear_message(tmp_path):
     bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     with pytest.raises(ValueError, match=r"needs 'chosen' and 'rejected' columns.*found \['answer', 'question'\]"):
         trainer.train(config(tmp_path, dataset=str(bad)))
+    with pytest.raises(ValueError, match="--torch-dtype must be float32, bfloat16 or float16"):
+        trainer.train(config(tmp_path, model="x", torch_dtype="float8"))
     with pytest.raises(ValueError, match="--model 'no/such-model-here'"):
         trainer.train(config(tmp_path, model="no/such-model-here"))
     blocker = tmp_path / "file"
