@@ -35,6 +35,8 @@ def load_model(cfg: TrainConfig, train_pairs):
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
         return tokenizer, AutoModelForCausalLM.from_config(config)
+    if (os.path.isabs(cfg.model) or cfg.model.startswith(".")) and not os.path.isdir(cfg.model):
+        raise ValueError(f"--model {cfg.model!r}: no such directory")
     if cfg.torch_dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--torch-dtype must be float32, bfloat16 or float16, got {cfg.torch_dtype!r}")
     try:

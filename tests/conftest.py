@@ -4,6 +4,8 @@ import os
 # Must happen before anything imports triton: the kernels then run on the CPU.
 if os.environ.get("FASTDPO_TEST_CUDA") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests never download: a hub lookup fails at once instead of retrying a network that is not there.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -118,7 +118,9 @@ def test_bad_input_fails_early_with_a_clear_message(tmp_path):
         trainer.train(config(tmp_path, dataset=str(bad)))
     with pytest.raises(ValueError, match="--torch-dtype must be float32, bfloat16 or float16"):
         trainer.train(config(tmp_path, model="x", torch_dtype="float8"))
-    with pytest.raises(ValueError, match="--model 'no/such-model-here'"):
+    with pytest.raises(ValueError, match="no such directory"):
+        trainer.train(config(tmp_path, model=str(tmp_path / "no-model")))
+    with pytest.raises(ValueError, match="--model 'no/such-model-here': cannot load it"):   # hub name, offline
         trainer.train(config(tmp_path, model="no/such-model-here"))
     blocker = tmp_path / "file"
     blocker.write_text("x")
