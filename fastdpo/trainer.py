@@ -141,7 +141,7 @@ def prepare_output_dir(cfg: TrainConfig, main: bool = True) -> str:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes")
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write-test")
+        probe = os.path.join(out, f".write-test-{os.getpid()}")   # one per process (torchrun ranks)
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:

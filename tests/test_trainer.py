@@ -78,8 +78,8 @@ def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, monk
     interrupted = config(tmp_path, "interrupted")
     real_log = trainer.log
 
-    def log_then_die(out, record):
-        real_log(out, record)
+    def log_then_die(out, record, board=None):
+        real_log(out, record, board)
         if record.get("step") == 5 and "loss" in record:
             raise KeyboardInterrupt            # killed after step 5; the last checkpoint is step 3
     monkeypatch.setattr(trainer, "log", log_then_die)
