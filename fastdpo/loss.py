@@ -115,6 +115,7 @@ class DPOLossFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pc, pr, rc, rr, lc, lr, params: DPOParams, backend: str):
+        ctx.dtypes = [t.dtype if t is not None else None for t in (pc, pr, rc, rr)]
         f32 = torch.float64 if pc.dtype == torch.float64 else torch.float32
         pc, pr = pc.to(f32), pr.to(f32)
         has_ref = rc is not None
@@ -150,7 +151,8 @@ class DPOLossFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        gpc, gpr, grc, grr = (grad * g for g in ctx.saved_tensors)
+        gpc, gpr, grc, grr = ((grad * g).to(dt) if dt is not None else None
+                              for g, dt in zip(ctx.saved_tensors, ctx.dtypes))
         need = ctx.needs_input_grad
         return (gpc if need[0] else None, gpr if need[1] else None,
                 grc if ctx.has_ref and need[2] else None, grr if ctx.has_ref and need[3] else None,

@@ -126,3 +126,13 @@ def test_bad_shapes_and_missing_reference():
                           lable_smoothing=0.1)
     with pytest.raises(ValueError, match="odd row count 3"):
         L.linear_dpo_loss(torch.randn(3, 4, 8), torch.randn(10, 8), torch.randint(0, 10, (3, 4)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision_logps_get_gradients_in_their_dtype(backend):
+    tensors, (lc, lr) = make_pairs()
+    leaves = [t.to(torch.bfloat16).requires_grad_() for t in tensors]
+    loss, _ = L.dpo_loss(*leaves, loss_type=["sigmoid", "aot"], backend=backend)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert all(x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all() for x in leaves)
