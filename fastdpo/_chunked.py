@@ -89,6 +89,13 @@ class Tail(NamedTuple):
     buf: torch.Tensor
 
 
+def _gather_rows_(buf, x, rows) -> torch.Tensor:
+    """buf = x[rows] (in buf's dtype) without a second [c, V] temporary when the dtypes agree."""
+    if x.dtype == buf.dtype:
+        return torch.index_select(x, 0, rows, out=buf)
+    return buf.copy_(x.index_select(0, rows))
+
+
 def _linear_logits(buf, hc, w, bias, p: LogpsParams) -> torch.Tensor:
     torch.mm(hc, w.t(), out=buf)                                          # [c, V]
     if bias is not None:
@@ -179,7 +186,7 @@ def logits_fwd(x, idx, y, p: LogpsParams):
     logp = torch.empty(n, dtype=cdt, device=x.device)
     lse = torch.empty(n, dtype=cdt, device=x.device)
     for sl, (buf,) in _Chunks(n, x.shape[1], cdt, x.device):
-        buf.copy_(x.index_select(0, idx[sl]))
+        _gather_rows_(buf, x, idx[sl])
         logp[sl], lse[sl] = _logp_and_lse_(_transform_(buf, p), y[sl])
     return logp, lse
 
@@ -190,9 +197,7 @@ def logits_bwd(x, idx, y, g, p: LogpsParams):
     dx = torch.zeros_like(x)
     nbuf = 1 if p.softcap is None else 2
     for sl, bufs in _Chunks(idx.numel(), x.shape[1], cdt, x.device, count=nbuf):
-        z = bufs[0]
-        z.copy_(x.index_select(0, idx[sl]))
-        _transform_(z, p)
+        z = _transform_(_gather_rows_(bufs[0], x, idx[sl]), p)
         ga = (g[sl] * p.alpha)[:, None]
         if p.softcap is not None:
             k = _softcap_slope(z, p, bufs[1])

@@ -22,8 +22,9 @@ from .logps import logps_params, resolve_backend, sequence_logps
 from .reference import F_DIVERGENCES, LOSS_TYPES
 
 BATCH_LOSSES = ("aot", "aot_unpaired", "sft")
-LOSS_OPTIONS = ("loss_weights", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef", "gamma",
-                "discopop_tau")
+# dpo_loss's loss options and their defaults (its signature spells the same values out)
+LOSS_DEFAULTS = dict(loss_weights=None, label_smoothing=0.0, f_divergence_type="reverse_kl",
+                     f_alpha_divergence_coef=0.5, gamma=0.5, discopop_tau=0.05)
 LENGTH_LOSSES = ("ipo", "sigmoid_norm", "simpo", "sft")
 # TRL: only losses built on the chosen-rejected score difference take another f-divergence.
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
@@ -253,14 +254,13 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             ref = sequence_logps(ref_hidden, weight if ref_weight is None else ref_weight, labels,
                                  **{**logp_kw, "bias": bias if ref_bias is None else ref_bias})
         ref_chosen_logps, ref_rejected_logps = ref.chunk(2)
-    unknown = set(loss_kwargs) - set(LOSS_OPTIONS)
+    unknown = set(loss_kwargs) - set(LOSS_DEFAULTS)
     if unknown:
         raise TypeError(f"linear_dpo_loss got unexpected keyword arguments {sorted(unknown)}; loss options are "
-                        f"{list(LOSS_OPTIONS)}")
-    params = make_params(loss_type, loss_kwargs.get("loss_weights"), beta, loss_kwargs.get("label_smoothing", 0.0),
-                         loss_kwargs.get("f_divergence_type", "reverse_kl"),
-                         loss_kwargs.get("f_alpha_divergence_coef", 0.5), loss_kwargs.get("gamma", 0.5),
-                         loss_kwargs.get("discopop_tau", 0.05))
+                        f"{list(LOSS_DEFAULTS)}")
+    o = {**LOSS_DEFAULTS, **loss_kwargs}
+    params = make_params(loss_type, o["loss_weights"], beta, o["label_smoothing"], o["f_divergence_type"],
+                         o["f_alpha_divergence_coef"], o["gamma"], o["discopop_tau"])
     fused = _one_pass(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, params, backend)
     if fused is not None:
         lp = logps_params(ignore_index, logit_scale, softcap, temperature)

@@ -98,7 +98,8 @@ def batch_indices(k: int, n: int, batch_size: int, seed: int) -> list:
     return out
 
 
-def pair_loss(model, examples, ref, idx, pad_id, cfg: TrainConfig, device):
+def batch_loss(model, examples, ref, idx, pad_id, cfg: TrainConfig, device):
+    """The DPO loss and metrics of examples[idx]: backbone hidden states -> linear_dpo_loss."""
     batch = [examples[i] for i in idx]
     input_ids, mask, labels = (t.to(device) for t in prefdata.collate(batch, pad_id))
     hidden, weight, options = ref_cache.lm_head_inputs(model, input_ids, mask)
@@ -285,7 +286,7 @@ def train(cfg: TrainConfig) -> dict:
         for micro in range(cfg.grad_accum):
             idx = batch_indices(step * cfg.grad_accum + micro, len(train_ex), cfg.batch_size, cfg.seed)
             with autocast:
-                loss, metrics = pair_loss(model, train_ex, ref_train, dist.shard(idx), pad, cfg, device)
+                loss, metrics = batch_loss(model, train_ex, ref_train, dist.shard(idx), pad, cfg, device)
             (loss / cfg.grad_accum).backward()
             for k, v in {"loss": loss, **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / cfg.grad_accum

@@ -136,3 +136,9 @@ def test_low_precision_logps_get_gradients_in_their_dtype(backend):
     loss.backward()
     assert loss.dtype == torch.float32
     assert all(x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all() for x in leaves)
+
+
+def test_linear_dpo_loss_defaults_are_dpo_loss_defaults():
+    import inspect
+    signature = inspect.signature(L.dpo_loss).parameters
+    assert {k: signature[k].default for k in L.LOSS_DEFAULTS} == L.LOSS_DEFAULTS
