@@ -5,9 +5,10 @@
 
 Every method (bench/_peers.py) computes a DPO sigmoid loss from the same
 hidden [2P, T, D], weight [V, D] and labels (first quarter of each row is
-prompt, ignored) and back-propagates into hidden and weight. Each runs in a
-fresh subprocess (``--child METHOD``) so that its memory peak is its own; a
-method that fails to import, errors or is killed shows as ``n/a (reason)``.
+prompt, ignored) and back-propagates into hidden and weight. On the CPU each runs in a fresh
+subprocess (``--child METHOD``) so that its resident-memory peak is its own; on
+CUDA all run in one process, the allocator's peak reset for each. A method that
+fails to import, errors or is killed shows as ``n/a (reason)``.
 """
 from __future__ import annotations
 
@@ -159,14 +160,24 @@ def run_child(args) -> dict:
     return result
 
 
-def child_main(args) -> None:
+def attempt(args) -> dict:
     try:
-        result = run_child(args)
+        return run_child(args)
     except Unsupported as e:
-        result = {"error": str(e)}
+        return {"error": str(e)}
     except Exception as e:  # any failure of a peer becomes its row's reason
-        result = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:100]}
-    print(RESULT_TAG + json.dumps(result), flush=True)
+        return {"error": f"{type(e).__name__}: {e}".splitlines()[0][:100]}
+
+
+def child_main(args) -> None:
+    print(RESULT_TAG + json.dumps(attempt(args)), flush=True)
+
+
+def run_here(method: str, args) -> dict:
+    """CUDA: every method in this process; the allocator's peak is reset for each (measure_cuda)."""
+    result = attempt(argparse.Namespace(**{**vars(args), "child": method}))
+    torch.cuda.empty_cache()
+    return result
 
 
 # ---------------------------------------------------------------- parent: spawn, collect, print
@@ -263,8 +274,8 @@ def caption(args, results, rates, useful: float) -> list:
                   "peak includes the warm-up")
     return [
         f"- fwd+bwd: the DPO sigmoid loss (beta {BETA}, fixed random reference log-probs), forward and backward "
-        f"w.r.t. hidden and weight; median of {args.repeats} steps ({timer}) after one warm-up step; each method "
-        f"in a fresh process.",
+        f"w.r.t. hidden and weight; median of {args.repeats} steps ({timer}) after the warm-up; "
+        + ("all methods in one process, in turn." if args.device == "cuda" else "each method in a fresh process."),
         f"- peak growth: {memory}. The baseline holds the inputs and their .grad buffers (allocated by the "
         f"warm-up; the timed steps accumulate into them): hidden.grad + weight.grad = {grad}, so a fused method "
         f"should stay within that + 256 MB.",
@@ -329,7 +340,8 @@ def main(argv=None) -> None:
         return child_main(args)
     shape, dtype = SHAPES[args.shape], DTYPES[args.dtype]
     rate_before = gemm_rate(shape, dtype, args.device)
-    results = {m: spawn(m, args) for m in methods}
+    run = run_here if args.device == "cuda" else spawn
+    results = {m: run(m, args) for m in methods}
     rates = (rate_before, gemm_rate(shape, dtype, args.device))
     text = table(args, methods, results, rates)
     print(text)

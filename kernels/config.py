@@ -1,6 +1,6 @@
 """Every launch configuration in one place.
 
-Fixed configurations by default. ``FASTDPO_BLOCKS="BN,BV,BD,WARPS"`` overrides
+Fixed configurations by default. ``FASTDPO_BLOCKS="BN,BV,BD,WARPS[,STAGES]"`` overrides
 the linear kernels' tiles for experiments (e.g. tuning on a new card).
 Under ``TRITON_INTERPRET=1`` small tiles keep the CPU interpreter quick and
 exercise every boundary of the loops.
@@ -47,15 +47,33 @@ def linear_blocks(dtype: torch.dtype) -> Blocks:
     return Blocks(128, 128, 64, 8, 3)
 
 
+# Forward programs aimed for, per multiprocessor: with few rows (short batches, long vocabularies)
+# the vocabulary is split across programs so that every multiprocessor has work.
+FWD_PROGRAMS_PER_SM = 8
+
+
+def vocab_splits(n_blocks: int, v_blocks: int, device: torch.device) -> int:
+    """How many vocabulary splits the forward uses (the interpreter: 2, to exercise the combine)."""
+    if INTERPRETING or device.type != "cuda":
+        return min(2, v_blocks)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(v_blocks, -(-FWD_PROGRAMS_PER_SM * sms // n_blocks)))
+
+
 def _parse_blocks(text: str) -> Blocks:
     try:
-        bn, bv, bd, warps = (int(x) for x in text.split(","))
+        bn, bv, bd, warps, *stages = (int(x) for x in text.split(","))
+        if len(stages) > 1:
+            raise ValueError
     except ValueError:
-        raise ValueError(f"FASTDPO_BLOCKS must be 'BLOCK_N,BLOCK_V,BLOCK_D,WARPS' integers, got {text!r}") from None
+        raise ValueError(f"FASTDPO_BLOCKS must be 'BLOCK_N,BLOCK_V,BLOCK_D,WARPS[,STAGES]' integers, "
+                         f"got {text!r}") from None
     for name, v in (("BLOCK_N", bn), ("BLOCK_V", bv), ("BLOCK_D", bd), ("WARPS", warps)):
         if v < 1 or v & (v - 1) or (name != "WARPS" and v < 16):
             raise ValueError(f"FASTDPO_BLOCKS: {name}={v} must be a power of two (tiles >= 16), got {text!r}")
-    return Blocks(bn, bv, bd, warps)
+    if stages and stages[0] < 1:
+        raise ValueError(f"FASTDPO_BLOCKS: STAGES={stages[0]} must be >= 1, got {text!r}")
+    return Blocks(bn, bv, bd, warps, *stages)
 
 
 def logits_blocks() -> Blocks:

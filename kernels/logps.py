@@ -1,10 +1,10 @@
 """Fused lm_head + log-softmax + target gather, forward and backward.
 
-Forward, per block of BLOCK_N valid tokens (logits never leave registers):
+Forward, per block of BLOCK_N valid tokens and split of the vocabulary (logits never leave registers):
   1. z = transform(H @ W^T + b), one [BLOCK_N, BLOCK_V] tile at a time
   2. online logsumexp: m' = max(m, max_v z); s = s * exp(m - m') + sum_v exp(z - m')
   3. target logit z_y picked from the tile that holds column y
-  4. logp = z_y - (m + log s)
+  4. per row, over the splits: lse = logsumexp(m + log s), logp = z_y - lse
 Backward, for upstream gradients g [N] (one per token):
   d logp / d l_v = alpha * (onehot_v - p_v) * k_v,   p = exp(z - lse),
   alpha = scale / temperature, k = 1 - tanh^2 with softcap (else 1), so
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._tile import dot, online_lse_step, softcap_slope, to_dot_operand, transform
-from .config import dot_precision, linear_blocks, upcast_dot
+from .config import dot_precision, linear_blocks, upcast_dot, vocab_splits
 
 
 @triton.jit
@@ -51,11 +51,13 @@ def _z_tile(h_ptr, w_ptr, bias_ptr, rows, mask_n, offs_v, V, D, stride_h, stride
     "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
 })
 @triton.jit
-def _logps_fwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, logp_ptr, lse_ptr,
-                      N, V, D, stride_h, stride_w, scale, softcap, inv_temp,
+def _logps_fwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, m_ptr, s_ptr, zy_ptr,
+                      N, V, D, stride_h, stride_w, scale, softcap, inv_temp, tiles_per_split,
                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                       BLOCK_D: tl.constexpr):
+    """Grid (n-blocks, vocabulary splits): the running max m, sum s and target logit z_y
+    of one block of rows over one split of the vocabulary, stored at [split, n]."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
@@ -63,15 +65,18 @@ def _logps_fwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, logp_ptr, lse_ptr
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     z_y = tl.zeros((BLOCK_N,), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    v_lo = tl.program_id(1) * tiles_per_split * BLOCK_V
+    v_hi = tl.minimum(V, v_lo + tiles_per_split * BLOCK_V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         z = _z_tile(h_ptr, w_ptr, bias_ptr, rows, mask_n, offs_v, V, D, stride_h, stride_w,
                     scale, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION,
                     BLOCK_N, BLOCK_V, BLOCK_D)
         m, s, z_y = online_lse_step(m, s, z_y, z, offs_v, y)
-    lse = m + tl.log(s)
-    tl.store(lse_ptr + offs_n, lse, mask=mask_n)
-    tl.store(logp_ptr + offs_n, z_y - lse, mask=mask_n)
+    out = tl.program_id(1) * N + offs_n
+    tl.store(m_ptr + out, m, mask=mask_n)
+    tl.store(s_ptr + out, s, mask=mask_n)
+    tl.store(zy_ptr + out, z_y, mask=mask_n)
 
 
 @triton.jit
@@ -183,20 +188,25 @@ def _common(h, w, rows, y):
 def logps_fwd(h, w, bias, rows, y, *, scale=1.0, softcap=None, temperature=1.0):
     """h [M, D], w [V, D], bias [V] | None, rows/y [N] -> (logp [N], lse [N]) fp32 for the rows h[rows]."""
     N, V, D = _common(h, w, rows, y)
-    logp = torch.empty(N, dtype=torch.float32, device=h.device)
-    lse = torch.empty(N, dtype=torch.float32, device=h.device)
     if N == 0:
-        return logp, lse
+        empty = torch.empty(0, dtype=torch.float32, device=h.device)
+        return empty, empty.clone()
     cfg = linear_blocks(h.dtype)
-    grid = (triton.cdiv(N, cfg.BLOCK_N),)
-    _logps_fwd_kernel[grid](
-        h, w, bias, rows, y, logp, lse, N, V, D, h.stride(0), w.stride(0),
-        float(scale), float(softcap or 0.0), 1.0 / temperature,
+    n_blocks, v_blocks = triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V)
+    splits = vocab_splits(n_blocks, v_blocks, h.device)
+    tiles_per_split = triton.cdiv(v_blocks, splits)
+    splits = triton.cdiv(v_blocks, tiles_per_split)     # none left empty
+    m, s, z_y = torch.empty(3, splits, N, dtype=torch.float32, device=h.device)
+    _logps_fwd_kernel[(n_blocks, splits)](
+        h, w, bias, rows, y, m, s, z_y, N, V, D, h.stride(0), w.stride(0),
+        float(scale), float(softcap or 0.0), 1.0 / temperature, tiles_per_split,
         UPCAST=upcast_dot(h.dtype), DOT_PRECISION=dot_precision(h.dtype),
         BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return logp, lse
+    # combine the splits: lse = logsumexp_k(m_k + log s_k); z_y is non-zero in one split only
+    lse = torch.logsumexp(m + s.log(), 0)
+    return z_y.sum(0) - lse, lse
 
 
 def logps_bwd(h, w, bias, rows, y, lse, g, *, need_dh, need_dw, need_db, scale=1.0, softcap=None,
