@@ -97,7 +97,9 @@ def cce_loss(pb: Problem) -> torch.Tensor:
     impl = "cce" if pb.hidden.is_cuda else "torch_compile"
     nll = linear_cross_entropy(pb.hidden, pb.weight, pb.labels, ignore_index=IGNORE_INDEX, softcap=pb.softcap,
                                reduction="none", impl=impl)               # [2P, T]
-    return dpo_sigmoid_loss(-nll.sum(-1), pb)
+    # (-nll).sum, not -(nll.sum): CCE's backward calls grad_out.view(-1), which fails on the
+    # expanded gradient that a sum hands back; the negation makes it a dense tensor
+    return dpo_sigmoid_loss((-nll).sum(-1), pb)
 
 
 def liger_loss(pb: Problem) -> torch.Tensor:

@@ -6,12 +6,13 @@ For each case, fastdpo.sequence_logps (Triton, bf16 inputs) against float64
 ground truth on the same rounded inputs, as tests/test_logps.py does at small
 sizes: values and gradients must be no worse than the naive bf16 computation
 (fastdpo.reference) plus one bf16 unit roundoff of the truth's largest value.
-The atomic backward (default, gradient filtering on) and the deterministic one
-are both checked; the deterministic one twice, for bitwise equality.
+Every backward is checked: the default (products), and FASTDPO_BWD=fused with
+atomics and deterministic; the repeatable ones twice, for bitwise equality.
 Prints one line per check; exits 1 if any fails.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -27,6 +28,8 @@ CASES = {
     "gemma2 head": (2, 2048, 2304, 256000, 30.0, False),
     "odd sizes": (3, 1023, 1000, 50001, None, True),      # multiples of no tile; row 1 fully ignored
 }
+# (FASTDPO_BWD, deterministic): the default products backward, and the fused kernel's two modes
+BACKWARDS = (("products", False), ("fused", False), ("fused", True))
 
 
 def make_case(rows, T, D, V, bias):
@@ -67,13 +70,14 @@ def main() -> int:
 
         truth = run(naive, hidden, weight, b, labels, upstream, torch.float64)
         same_dtype = run(naive, hidden, weight, b, labels, upstream, torch.bfloat16)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        atomic = run(fused(False), hidden, weight, b, labels, upstream, torch.bfloat16)
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        det = [run(fused(True), hidden, weight, b, labels, upstream, torch.bfloat16) for _ in range(2)]
-        for mode, got in (("atomic", atomic), ("deterministic", det[0])):
+        for bwd, deterministic in BACKWARDS:
+            os.environ["FASTDPO_BWD"] = bwd
+            mode = f"{bwd}{' deterministic' if deterministic else ''}"
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            got = run(fused(deterministic), hidden, weight, b, labels, upstream, torch.bfloat16)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
             for what, a, r, t in zip(("logps", "d hidden", "d weight"), got, same_dtype, truth):
                 scale = t.abs().max().item() or 1.0
                 err, ref_err = (a - t).abs().max().item(), (r - t).abs().max().item()
@@ -81,11 +85,14 @@ def main() -> int:
                 failures += not ok
                 print(f"{'ok  ' if ok else 'FAIL'} {name} {mode} {what}: error {err / scale:.2e} of max|truth|, "
                       f"naive bf16 {ref_err / scale:.2e}", flush=True)
-        same = all(torch.equal(x, y) for x, y in zip(*det))
-        failures += not same
-        print(f"{'ok  ' if same else 'FAIL'} {name} deterministic twice: bitwise equal = {same}; "
-              f"first atomic call incl. compile {seconds:.1f} s", flush=True)
-        del truth, same_dtype, atomic, det
+            if bwd == "products" or deterministic:
+                again = run(fused(deterministic), hidden, weight, b, labels, upstream, torch.bfloat16)
+                same = all(torch.equal(x, y) for x, y in zip(got, again))
+                failures += not same
+                print(f"{'ok  ' if same else 'FAIL'} {name} {mode} twice: bitwise equal = {same}; "
+                      f"first call incl. compile {seconds:.1f} s", flush=True)
+        os.environ.pop("FASTDPO_BWD")
+        del truth, same_dtype
         torch.cuda.empty_cache()
     print(f"gpu_correctness: {failures} failure(s)")
     return 1 if failures else 0

@@ -1,8 +1,8 @@
 """Tile configurations of the linear kernels on the GPU shapes, and where the time goes (needs CUDA).
 
-    python bench/gpu_tune.py [--shapes llama3,gemma2] [--configs "128,128,64,8,3 128,128,32,8,3"]
+    python bench/gpu_tune.py [--shapes llama3,gemma2] [--configs "products:default fused:128,128,32,8,3"]
 
-For each shape (bench/compare.py's SHAPES) and each FASTDPO_BLOCKS value:
+For each shape (bench/compare.py's SHAPES) and each backward mode and FASTDPO_BLOCKS value:
 forward-only and fwd+bwd time of fastdpo.sequence_logps inside the DPO
 sigmoid loss (median of CUDA-event timings, as compare.py), and the share of
 the measured bf16 GEMM rate. Then one profiled fwd+bwd step with the default
@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare import DTYPES, SHAPES, gemm_rate, make_problem, measure_cuda  # noqa: E402
 from _peers import METHODS  # noqa: E402
 
-CONFIGS = "default 128,128,32,8,3 64,128,64,8,3 128,256,32,8,3"
+# FASTDPO_BWD:FASTDPO_BLOCKS ("default": unset)
+CONFIGS = "products:default products:128,256,32,8,3 products:128,128,32,8,3 products:128,256,64,8,3 fused:default"
 
 
 def forward_seconds(pb, repeats: int) -> float:
@@ -54,7 +55,8 @@ def profile_step(pb) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="llama3,gemma2")
-    p.add_argument("--configs", default=CONFIGS, help="space-separated FASTDPO_BLOCKS values ('default': unset)")
+    p.add_argument("--configs", default=CONFIGS,
+                   help="space-separated FASTDPO_BWD:FASTDPO_BLOCKS settings ('default': FASTDPO_BLOCKS unset)")
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args()
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}", flush=True)
@@ -64,9 +66,11 @@ def main() -> None:
         useful = 4 * 2 * shape.scored * shape.D * shape.V
         rate = gemm_rate(shape, dtype, "cuda")
         print(f"\n{name}: bf16 GEMM {rate / 1e12:.0f} TFLOP/s; useful fwd+bwd {useful / 1e12:.1f} TFLOP", flush=True)
-        print("| FASTDPO_BLOCKS | fwd ms | fwd+bwd ms | % of GEMM | peak growth MB |", flush=True)
-        print("|---|---:|---:|---:|---:|", flush=True)
-        for config in args.configs.split():
+        print("| FASTDPO_BWD | FASTDPO_BLOCKS | fwd ms | fwd+bwd ms | % of GEMM | peak growth MB |", flush=True)
+        print("|---|---|---:|---:|---:|---:|", flush=True)
+        for setting in args.configs.split():
+            bwd, config = setting.split(":")
+            os.environ["FASTDPO_BWD"] = bwd
             os.environ.pop("FASTDPO_BLOCKS", None)
             if config != "default":
                 os.environ["FASTDPO_BLOCKS"] = config
@@ -74,13 +78,14 @@ def main() -> None:
             try:
                 r = measure_cuda(lambda: METHODS["fastdpo"].loss(pb).backward(), args.repeats)
                 fwd = forward_seconds(pb, args.repeats)
-                print(f"| {config} | {fwd * 1e3:.1f} | {r['s'] * 1e3:.1f} | {useful / r['s'] / rate:.0%} "
+                print(f"| {bwd} | {config} | {fwd * 1e3:.1f} | {r['s'] * 1e3:.1f} | {useful / r['s'] / rate:.0%} "
                       f"| {r['growth_mb']:,.0f} |", flush=True)
             except Exception as e:  # a configuration that does not compile or fit is a row, not the end
-                print(f"| {config} | n/a ({type(e).__name__}: {str(e).splitlines()[0][:80]}) | | | |", flush=True)
+                print(f"| {bwd} | {config} | n/a ({type(e).__name__}: {str(e).splitlines()[0][:80]}) | | | |", flush=True)
             del pb
             torch.cuda.empty_cache()
         os.environ.pop("FASTDPO_BLOCKS", None)
+        os.environ.pop("FASTDPO_BWD", None)
         pb = make_problem(shape, dtype, "cuda")
         print(profile_step(pb), flush=True)
         del pb

@@ -60,6 +60,26 @@ def vocab_splits(n_blocks: int, v_blocks: int, device: torch.device) -> int:
     return max(1, min(v_blocks, -(-FWD_PROGRAMS_PER_SM * sms // n_blocks)))
 
 
+# The products backward's gradient buffer dL [rows, V] (input dtype): large products, bounded memory.
+DLOGITS_BYTES = 256 << 20
+
+
+def dlogits_rows(vocab: int, itemsize: int, block_n: int) -> int:
+    """Rows per chunk of the products backward, a multiple of BLOCK_N (the interpreter: two blocks,
+    so that the tests cross chunk boundaries)."""
+    if INTERPRETING:
+        return 2 * block_n
+    return max(block_n, DLOGITS_BYTES // (vocab * itemsize) // block_n * block_n)
+
+
+def backward_mode() -> str:
+    """``FASTDPO_BWD``: "products" (default: dL chunks + matrix products) or "fused" (one kernel, atomics)."""
+    mode = os.environ.get("FASTDPO_BWD", "products")
+    if mode not in ("products", "fused"):
+        raise ValueError(f"FASTDPO_BWD must be 'products' or 'fused', got {mode!r}")
+    return mode
+
+
 def _parse_blocks(text: str) -> Blocks:
     try:
         bn, bv, bd, warps, *stages = (int(x) for x in text.split(","))

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._tile import dot, online_lse_step, softcap_slope, to_dot_operand, transform
-from .config import dot_precision, linear_blocks, upcast_dot, vocab_splits
+from .config import backward_mode, dlogits_rows, dot_precision, linear_blocks, upcast_dot, vocab_splits
 
 
 @triton.jit
@@ -77,6 +77,37 @@ def _logps_fwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, m_ptr, s_ptr, zy_
     tl.store(m_ptr + out, m, mask=mask_n)
     tl.store(s_ptr + out, s, mask=mask_n)
     tl.store(zy_ptr + out, z_y, mask=mask_n)
+
+
+@triton.heuristics({
+    "HAS_BIAS": lambda a: a["bias_ptr"] is not None,
+    "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
+})
+@triton.jit
+def _dlogits_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, lse_ptr, g_ptr, dl_ptr,
+                    N, V, D, stride_h, stride_w, scale, softcap, inv_temp,
+                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """Grid (n-blocks, v-blocks): dL [N, V] = g * alpha * (onehot - softmax(z)) * k for a chunk of rows,
+    stored in the input dtype (one rounding, as the operand of a tensor-core product)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=0)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0) * (scale * inv_temp)
+    z = _z_tile(h_ptr, w_ptr, bias_ptr, rows, mask_n, offs_v, V, D, stride_h, stride_w,
+                scale, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION,
+                BLOCK_N, BLOCK_V, BLOCK_D)
+    dz = tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None])
+    if HAS_SOFTCAP:
+        dz = dz * softcap_slope(tl.where(mask_v[None, :], z, 0.0), softcap, inv_temp)
+    dl = to_dot_operand(dz * g[:, None], dl_ptr.dtype.element_ty, UPCAST)
+    tl.store(dl_ptr + offs_n.to(tl.int64)[:, None] * V + offs_v[None, :], dl.to(dl_ptr.dtype.element_ty),
+             mask=mask_n[:, None] & mask_v[None, :])
 
 
 @triton.jit
@@ -157,19 +188,24 @@ def _logps_bwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, lse_ptr, g_ptr,
                     _add(db_ptr + offs_v, tl.sum(dl, 0), mask_v, ATOMIC)
                 dz_lo = to_dot_operand(dz, out_ty, UPCAST)
                 dl_lo = to_dot_operand(dl, out_ty, UPCAST)
-                for d0 in range(0, D, BLOCK_D):
-                    offs_d = d0 + tl.arange(0, BLOCK_D)
-                    mask_d = offs_d < D
-                    if COMPUTE_DH:
+                # (two loops, not one with both products: Triton 3.6 on sm_90 computed a wrong
+                #  dH with both in one loop body once D spanned several BLOCK_D steps)
+                if COMPUTE_DH:
+                    for d0 in range(0, D, BLOCK_D):
                         # 4. dH[n, d] += dL @ W[v, d]        (dh is compact: [N, D] fp32)
+                        offs_d = d0 + tl.arange(0, BLOCK_D)
+                        mask_d = offs_d < D
                         w = tl.load(w_ptr + offs_v.to(tl.int64)[:, None] * stride_w + offs_d[None, :],
                                     mask=mask_v[:, None] & mask_d[None, :], other=0.0)
                         part = dot(dz_lo, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32),
                                    UPCAST, DOT_PRECISION) * g[:, None]
                         _add(dh_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], part,
                              mask_n[:, None] & mask_d[None, :], ATOMIC)
-                    if COMPUTE_DW:
+                if COMPUTE_DW:
+                    for d0 in range(0, D, BLOCK_D):
                         # 5. dW[v, d] += dL^T @ H[n, d]      (dw: [V, D] fp32)
+                        offs_d = d0 + tl.arange(0, BLOCK_D)
+                        mask_d = offs_d < D
                         h = tl.load(h_ptr + rows[:, None] * stride_h + offs_d[None, :],
                                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
                         part = dot(tl.trans(dl_lo), h, tl.zeros((BLOCK_V, BLOCK_D), tl.float32),
@@ -213,9 +249,13 @@ def logps_bwd(h, w, bias, rows, y, lse, g, *, need_dh, need_dw, need_db, scale=1
               temperature=1.0, filter_eps=None, deterministic=False):
     """Gradients of sum_n g[n] * logp[n]: (dh [N, D] fp32 | None, dw [V, D] fp32 | None, db [V] fp32 | None).
 
-    dh is compact (row n is token rows[n]). deterministic=True replaces the
-    atomics by two passes (one over row blocks for dh, one over vocabulary
-    blocks for dW/db): bitwise reproducible, one extra recompute of the logits.
+    dh is compact (row n is token rows[n]). The default ("products") backward
+    takes the rows a chunk at a time: ``_dlogits_kernel`` recomputes the chunk's
+    logits and writes their gradient dL [rows, V] in the input dtype, then
+    dH = dL @ W and dW += dL^T @ H run as matrix products accumulated in fp32
+    (cuBLAS on CUDA). No atomics: repeatable bitwise. ``FASTDPO_BWD=fused``
+    selects the one-kernel backward instead (no [rows, V] buffer; atomics, or
+    with deterministic=True two passes; gradient filtering with filter_eps).
     """
     N, V, D = _common(h, w, rows, y)
     f32 = dict(dtype=torch.float32, device=h.device)
@@ -225,19 +265,78 @@ def logps_bwd(h, w, bias, rows, y, lse, g, *, need_dh, need_dw, need_db, scale=1
     if N == 0 or not (need_dh or need_dw or need_db):
         return dh, dw, db
     cfg = linear_blocks(h.dtype)
-    n_blocks, v_blocks = triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V)
     common = dict(N=N, V=V, D=D, stride_h=h.stride(0), stride_w=w.stride(0), scale=float(scale),
                   softcap=float(softcap or 0.0), inv_temp=1.0 / temperature,
-                  filter_eps=float(filter_eps or 0.0),
                   UPCAST=upcast_dot(h.dtype), DOT_PRECISION=dot_precision(h.dtype),
                   BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if backward_mode() == "fused":
+        _fused_bwd(h, w, bias, rows, y, lse, g, dh, dw, db, cfg, common, filter_eps, deterministic)
+    else:
+        _products_bwd(h, w, bias, rows, y, lse, g, dh, dw, db, cfg, common)
+    return dh, dw, db
+
+
+def _products_bwd(h, w, bias, rows, y, lse, g, dh, dw, db, cfg, common):
+    N, V = common["N"], common["V"]
+    chunk = min(N, dlogits_rows(V, h.element_size(), cfg.BLOCK_N))
+    dl_buf = torch.empty(chunk, V, dtype=h.dtype, device=h.device)
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        dl = dl_buf[: e - s]
+        _dlogits_kernel[(triton.cdiv(e - s, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))](
+            h, w, bias, rows[s:e], y[s:e], lse[s:e], g[s:e], dl, **{**common, "N": e - s})
+        if dh is not None:
+            matmul_f32(dl, w, out=dh[s:e])                                    # [c, D]
+        if dw is not None:
+            matmul_f32(dl.t(), h.index_select(0, rows[s:e]), out=dw, accumulate=True)
+        if db is not None:
+            db += dl.sum(0, dtype=torch.float32)
+
+
+def _fused_bwd(h, w, bias, rows, y, lse, g, dh, dw, db, cfg, common, filter_eps, deterministic):
+    N, V = common["N"], common["V"]
+    n_blocks, v_blocks = triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V)
+    common = dict(common, filter_eps=float(filter_eps or 0.0))
     tensors = (h, w, bias, rows, y, lse, g)
     if not deterministic:
         _logps_bwd_kernel[(n_blocks, v_blocks)](*tensors, dh, dw, db, LOOP_N=False, LOOP_V=False, **common)
-        return dh, dw, db
-    if need_dh:
+        return
+    if dh is not None:
         _logps_bwd_kernel[(n_blocks, 1)](*tensors, dh, None, None, LOOP_N=False, LOOP_V=True, **common)
-    if need_dw or need_db:
+    if dw is not None or db is not None:
         _logps_bwd_kernel[(1, v_blocks)](*tensors, None, dw, db, LOOP_N=True, LOOP_V=False, **common)
-    return dh, dw, db
+
+
+_OUT_DTYPE_MM = {}
+
+
+def matmul_f32(a, b, *, out, accumulate=False):
+    """out (fp32) = a @ b, or out += a @ b: products of the input dtype accumulated in fp32.
+
+    On CUDA bf16/fp16 operands go to the tensor cores with an fp32 result
+    (torch's ``out_dtype``); elsewhere (and if this torch lacks it) the
+    operands are upcast, which is exact, so the result is the same up to
+    summation order."""
+    if a.dtype != torch.float32 and a.is_cuda and _has_out_dtype_mm(a.device):
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+        return out
+    if accumulate:
+        return out.addmm_(a.float(), b.float())
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+def _has_out_dtype_mm(device) -> bool:
+    if device not in _OUT_DTYPE_MM:
+        x = torch.zeros(16, 16, dtype=torch.bfloat16, device=device)
+        acc = torch.zeros(16, 16, dtype=torch.float32, device=device)
+        try:
+            torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
+            torch.mm(x, x, out_dtype=torch.float32, out=acc)
+            _OUT_DTYPE_MM[device] = True
+        except (TypeError, RuntimeError):
+            _OUT_DTYPE_MM[device] = False
+    return _OUT_DTYPE_MM[device]

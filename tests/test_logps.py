@@ -100,6 +100,15 @@ def test_matches_fp64_reference(backend, dtype, shape, options, device):
     check_against_reference(backend, dtype, shape, options, filter_eps=None, device=device)
 
 
+@pytest.mark.requires_triton
+@pytest.mark.parametrize("options", OPTIONS, ids=option_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_fused_backward_matches_fp64_reference(dtype, options, device, monkeypatch):
+    """FASTDPO_BWD=fused: the one-kernel backward (atomics) meets the same bounds as the default."""
+    monkeypatch.setenv("FASTDPO_BWD", "fused")
+    check_against_reference("triton", dtype, SHAPES[1], options, filter_eps=None, device=device)
+
+
 @pytest.mark.parametrize("requires", [r for r in itertools.product([False, True], repeat=3) if any(r)],
                          ids=lambda r: "grad-" + "".join("hwb"[i] for i in range(3) if r[i]))
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -143,11 +152,14 @@ def test_chunked_path_independent_of_chunk_size(rows, monkeypatch):
 
 
 @pytest.mark.requires_triton
+@pytest.mark.parametrize("mode", ["products", "fused"])
 @pytest.mark.parametrize("requires", [(True, True, True), (True, False, False), (False, True, True)],
                          ids=["grad-hwb", "grad-h", "grad-wb"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
-def test_triton_deterministic_mode(dtype, requires, device):
-    """deterministic=True (no atomics) meets the same bound, repeats bitwise, and agrees with the atomic mode."""
+def test_triton_deterministic_mode(dtype, requires, mode, device, monkeypatch):
+    """deterministic=True meets the same bound, repeats bitwise, and agrees with the default mode
+    (the products backward has no atomics either way; the fused one drops them)."""
+    monkeypatch.setenv("FASTDPO_BWD", mode)
     args = ("triton", dtype, (2, 40, 33, 100), (True, 3.0, 1.0, 1.0))
     first = check_against_reference(*args, requires=requires, deterministic=True, device=device)
     second = check_against_reference(*args, requires=requires, deterministic=True, device=device)
@@ -160,9 +172,10 @@ def test_triton_deterministic_mode(dtype, requires, device):
 
 @pytest.mark.requires_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
-def test_gradient_filtering_skips_tiles_within_dtype_tolerance(dtype, device):
-    """filter_eps='auto' skips negligible tiles: on peaked logits the gradients change (tiles were
-    skipped) but still meet the bound of the unfiltered kernel."""
+def test_gradient_filtering_skips_tiles_within_dtype_tolerance(dtype, device, monkeypatch):
+    """filter_eps='auto' skips negligible tiles of the fused backward: on peaked logits the gradients
+    change (tiles were skipped) but still meet the bound of the unfiltered kernel."""
+    monkeypatch.setenv("FASTDPO_BWD", "fused")
     args = ("triton", dtype, (2, 40, 33, 300), (False, None, 1.0, 1.0))
     filtered = check_against_reference(*args, weight_std=3.0, filter_eps="auto", device=device)
     exact = check_against_reference(*args, weight_std=3.0, filter_eps=None, device=device)
