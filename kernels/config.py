@@ -44,7 +44,7 @@ def linear_blocks(dtype: torch.dtype) -> Blocks:
         return Blocks(16, 32, 16, 4)
     if dtype == torch.float32:
         return Blocks(64, 64, 32, 4)
-    return Blocks(128, 128, 64, 8, 3)
+    return Blocks(128, 256, 64, 8, 3)       # H200, bench/gpu_tune.py: fastest of those tried (bench/RESULTS.md)
 
 
 # Forward programs aimed for, per multiprocessor: with few rows (short batches, long vocabularies)
