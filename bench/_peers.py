@@ -115,7 +115,7 @@ def liger_loss(pb: Problem) -> torch.Tensor:
 METHODS = {
     "fastdpo": Method(
         "fastdpo `sequence_logps`", fastdpo_loss, "fastdpo",
-        {"cpu": "4 × scored", "cuda": "4 × scored (fewer in bf16/fp16: gradient filtering)"}),
+        {"cpu": "4 × scored", "cuda": "4 × scored"}),
     "fastdpo_loss": Method(
         "fastdpo `loss.linear_dpo_loss`", fastdpo_linear_loss, "fastdpo",
         {"cpu": "3 × scored (one pass)", "cuda": "4 × scored"}),
