@@ -194,12 +194,16 @@ def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 
     backend: ``"auto"`` (Triton on CUDA, chunked PyTorch elsewhere),
     ``"triton"``, ``"torch"`` or ``"reference"`` (materializes logits).
-    filter_eps: Triton backward only; skips logit tiles where every
-    ``|onehot - softmax| < filter_eps``. ``"auto"`` = ``finfo(dtype).eps / 32``
-    for bf16/fp16 (each skipped term is below the input dtype's resolution
-    relative to the target term; many skipped tiles can add up to more, as in
-    CCE), off for fp32; ``None`` turns it off.
-    deterministic: Triton backward without atomics (one extra logit recompute).
+    The Triton backward (default) writes the logits' gradient for a chunk of
+    rows at a time and hands the two gradient products to matrix multiplies:
+    no atomics, so it is bitwise reproducible as it is. ``FASTDPO_BWD=fused``
+    selects the one-kernel backward (no [rows, V] buffer, slower on the GPU),
+    which the next two options concern:
+    filter_eps: skips logit tiles where every ``|onehot - softmax| < filter_eps``.
+    ``"auto"`` = ``finfo(dtype).eps / 32`` for bf16/fp16 (each skipped term is
+    below the input dtype's resolution relative to the target term; many
+    skipped tiles can add up to more, as in CCE), off for fp32; ``None``: off.
+    deterministic: no atomics (one extra logit recompute).
 
     A non-finite hidden value makes the log-probs of its own sequence NaN
     (the other sequences are unaffected); gradients w.r.t. weight then carry NaN too.
