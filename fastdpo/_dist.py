@@ -1,23 +1,32 @@
-"""Data parallelism for the trainer: torchrun / accelerate launch set WORLD_SIZE and RANK.
+"""Data parallelism and FSDP for the trainer: torchrun / accelerate launch set WORLD_SIZE and RANK.
 
-Each rank takes its slice of every global micro-batch; gradients are averaged
-with one all-reduce per parameter after the backward (the same average DDP
-forms), so a run gives the single-process loss curve for the same global batch.
+Each rank takes its slice of every global micro-batch. Data parallel: gradients are averaged with one
+all-reduce per parameter after the backward (the same average DDP forms). FSDP (``--fsdp``): parameters,
+gradients and optimizer state are sharded across the ranks (FSDP2, ``fully_shard``), gathered per unit for its
+forward and backward, gradients averaged by reduce-scatter. Either way a run gives the single-process loss curve
+for the same global batch.
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
 
 
 class Dist:
-    def __init__(self):
+    def __init__(self, fsdp: bool = False):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        if fsdp and self.world == 1:
+            warnings.warn("--fsdp with one process: nothing to shard, training unsharded "
+                          "(launch with torchrun --nproc-per-node N to shard across N processes)")
+        self.fsdp = fsdp and self.world > 1
         cuda = torch.cuda.is_available()
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)      # FSDP places each rank's shards on the current device
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo")
 
@@ -28,16 +37,45 @@ class Dist:
     def shard(self, items: list) -> list:
         return items[self.rank::self.world]
 
+    def shard_even(self, items: list) -> list:
+        """shard, the shorter shards padded with items[0]: under FSDP every forward is a collective, so every
+        rank must make the same number of them. unshard drops the padding."""
+        part = self.shard(items)
+        return part + items[:1] * (-(-len(items) // self.world) - len(part))
+
     def unshard(self, part: torch.Tensor, n: int) -> torch.Tensor:
-        """Inverse of shard for rows: every rank gets all n rows in the original order."""
+        """Inverse of shard (and shard_even) for rows: every rank gets all n rows in the original order."""
         if self.world == 1:
             return part
         parts = [None] * self.world
         dist.all_gather_object(parts, part.cpu())
         full = torch.empty((n, *part.shape[1:]), dtype=part.dtype)
         for r, p in enumerate(parts):
-            full[r::self.world] = p
+            full[r::self.world] = p[:len(range(r, n, self.world))]      # without shard_even's padding
         return full
+
+    def wrap(self, policy: torch.nn.Module) -> torch.nn.Module:
+        """The policy on this rank's device; with FSDP sharded instead: each decoder layer one unit, the policy
+        the root unit (the embeddings, final norm and lm_head, tied or not), whose forward gathers them for the
+        fused op and whose backward reduce-scatters their gradients."""
+        if not self.fsdp:
+            return policy.to(self.device)
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            raise ValueError("--fsdp needs PyTorch >= 2.6 (torch.distributed.fsdp.fully_shard)") from None
+        blocks = policy.model._no_split_modules or ()          # transformers' names of the decoder-layer classes
+        layers = [m for m in policy.model.modules() if type(m).__name__ in blocks]
+        if not layers:
+            raise ValueError(f"--fsdp: {type(policy.model).__name__} names no decoder-layer class "
+                             "(_no_split_modules) to shard by")
+        for layer in layers:
+            fully_shard(layer)      # moves this rank's shards to the current device
+        fully_shard(policy)
+        # FSDP leaves the root unsharded after its forward, for the backward that follows. A no-grad forward
+        # (reference pass, eval) has none: reshard, so that policy.parameters() are the shards (the optimizer's).
+        policy.register_forward_hook(lambda module, args, out: None if torch.is_grad_enabled() else module.reshard())
+        return policy
 
     def mean_(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -46,7 +84,8 @@ class Dist:
         return t
 
     def average_grads(self, params) -> None:
-        if self.world > 1:
+        """Data parallel only: under FSDP the backward has already averaged them (reduce-scatter)."""
+        if self.world > 1 and not self.fsdp:
             for p in params:
                 if p.grad is not None:
                     self.mean_(p.grad)

@@ -1,4 +1,5 @@
-"""The reference pass, once: per-example reference log-probs under no-grad, cached on disk by fingerprint.
+"""The policy's forward and the reference pass, once: per-example reference log-probs under no-grad, cached on
+disk by fingerprint.
 
 The cache file holds a header (fingerprint, count) and the [n, 2] float64 log-probs with a checksum; it is
 written to a temporary file and renamed, so an interrupted run never leaves a partial cache under the final
@@ -23,6 +24,8 @@ def fingerprint(model, tokenizer, examples, max_length: int) -> str:
     for name, t in sorted(model.state_dict().items()):
         if "lora_" in name:            # LoRA: the reference is the base model, adapters disabled
             continue
+        if hasattr(t, "full_tensor"):  # FSDP: a DTensor shard; the full tensor is gathered (every rank calls this)
+            t = t.full_tensor()
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
@@ -43,28 +46,45 @@ def lm_head_inputs(model, input_ids, mask):
     return hidden, base.get_output_embeddings().weight, options
 
 
-def sequence_pair_logps(model, input_ids, mask, labels):
+class Policy(torch.nn.Module):
+    """A causal LM whose forward runs the backbone, then ``op(hidden, lm_head weight, labels, ...)``: a fused op
+    (sequence_logps, linear_dpo_loss) in place of the logits.
+
+    One forward for all of it because FSDP gathers a unit's parameters only inside that unit's forward: this
+    module is the root unit, so its forward gathers the embeddings, final norm and lm_head weight (tied or not)
+    that the op reads outside the backbone, and its backward reduce-scatters their gradients."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, op, input_ids, mask, labels, *args, **kwargs):
+        hidden, weight, options = lm_head_inputs(self.model, input_ids, mask)
+        return op(hidden, weight, labels, *args, **options, **kwargs)
+
+
+def sequence_pair_logps(policy: Policy, input_ids, mask, labels):
     """[2B] summed log-probs of a collated batch through the backbone and the fused log-prob op."""
-    hidden, weight, options = lm_head_inputs(model, input_ids, mask)
-    return sequence_logps(hidden, weight, labels, **options)
+    return policy(sequence_logps, input_ids, mask, labels)
 
 
 @torch.no_grad()
-def compute(model, examples, pad_id, batch_size, device, progress) -> torch.Tensor:
+def compute(policy: Policy, examples, pad_id, batch_size, device, progress) -> torch.Tensor:
     """[n, 2] (chosen, rejected) reference log-probs, in data order."""
     from tqdm.auto import tqdm
 
     out = []
-    was_training = model.training
-    model.eval()
+    was_training = policy.training
+    policy.eval()
     # LoRA: the reference is the base model with its adapters disabled
+    model = policy.model
     adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with adapters_off:
         for s in tqdm(range(0, len(examples), batch_size), desc="reference log-probs", disable=not progress):
             batch = [t.to(device) for t in prefdata.collate(examples[s:s + batch_size], pad_id)]
-            c, r = sequence_pair_logps(model, *batch).double().chunk(2)
+            c, r = sequence_pair_logps(policy, *batch).double().chunk(2)
             out.append(torch.stack([c, r], 1).cpu())
-    model.train(was_training)
+    policy.train(was_training)
     return torch.cat(out) if out else torch.empty(0, 2, dtype=torch.float64)
 
 

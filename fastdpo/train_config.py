@@ -35,6 +35,9 @@ class TrainConfig:
     schedule: str = opt("cosine", "after warm-up: cosine or linear decay to 0")
     max_grad_norm: float = opt(1.0, "gradient clipping (0 turns it off)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward (saves memory)")
+    fsdp: bool = opt(False, "under torchrun: shard parameters, gradients and optimizer state across the processes "
+                            "(FSDP2, one unit per decoder layer) instead of replicating the model (one process: "
+                            "nothing to shard, a warning)")
     seed: int = opt(0, "seed of the model init, data order and everything random")
     lora_r: int = opt(0, "LoRA rank (0: train all weights); the reference is the base model, adapters disabled")
     lora_alpha: int = opt(16, "LoRA alpha")

@@ -2,7 +2,7 @@
 
 The reference is the initial policy: its log-probs are computed once (``ref_cache``), cached on disk and
 reused, so training holds one model. The loss is ``fastdpo.loss.linear_dpo_loss`` on the backbone's hidden
-states and the output-embedding weight.
+states and the output-embedding weight, inside one forward (``ref_cache.Policy``) that FSDP can shard.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import random
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from . import prefdata, ref_cache
 from ._dist import Dist
@@ -68,14 +69,14 @@ def cache_dir(cfg: TrainConfig) -> str:
     return cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "fastdpo")
 
 
-def reference_logps(model, tokenizer, examples, cfg: TrainConfig, dist: Dist) -> torch.Tensor:
+def reference_logps(policy, tokenizer, examples, cfg: TrainConfig, dist: Dist) -> torch.Tensor:
     """[n, 2] reference log-probs from the cache, or computed once (sharded across ranks) and cached."""
-    key = ref_cache.fingerprint(model, tokenizer, examples, cfg.max_length)
+    key = ref_cache.fingerprint(policy.model, tokenizer, examples, cfg.max_length)
     cached = ref_cache.load(cache_dir(cfg), key, len(examples))
     if cached is not None:
         return cached
-    part = ref_cache.compute(model, dist.shard(examples), tokenizer.pad_token_id, cfg.batch_size, dist.device,
-                             cfg.progress and dist.main)
+    part = ref_cache.compute(policy, dist.shard_even(examples), tokenizer.pad_token_id, cfg.batch_size,
+                             dist.device, cfg.progress and dist.main)
     logps = dist.unshard(part, len(examples))
     if dist.main:
         ref_cache.save(cache_dir(cfg), key, logps)
@@ -98,28 +99,27 @@ def batch_indices(k: int, n: int, batch_size: int, seed: int) -> list:
     return out
 
 
-def batch_loss(model, examples, ref, idx, pad_id, cfg: TrainConfig, device):
+def batch_loss(policy, examples, ref, idx, pad_id, cfg: TrainConfig, device):
     """The DPO loss and metrics of examples[idx]: backbone hidden states -> linear_dpo_loss."""
     batch = [examples[i] for i in idx]
     input_ids, mask, labels = (t.to(device) for t in prefdata.collate(batch, pad_id))
-    hidden, weight, options = ref_cache.lm_head_inputs(model, input_ids, mask)
     ref_pairs = ref[idx].to(device=device, dtype=torch.float32)
-    return linear_dpo_loss(hidden, weight, labels, ref_pairs[:, 0], ref_pairs[:, 1], beta=cfg.beta,
-                           loss_type=cfg.loss_type, **options)
+    return policy(linear_dpo_loss, input_ids, mask, labels, ref_pairs[:, 0], ref_pairs[:, 1], beta=cfg.beta,
+                  loss_type=cfg.loss_type)
 
 
 @torch.no_grad()
-def evaluate(model, examples, ref, pad_id, cfg: TrainConfig, device) -> dict:
+def evaluate(policy, examples, ref, pad_id, cfg: TrainConfig, device) -> dict:
     """Reward accuracy and margin over the whole eval split."""
-    was_training = model.training
-    model.eval()
+    was_training = policy.training
+    policy.eval()
     pc, pr = [], []
     for s in range(0, len(examples), cfg.batch_size):
         batch = [t.to(device) for t in prefdata.collate(examples[s:s + cfg.batch_size], pad_id)]
-        c, r = ref_cache.sequence_pair_logps(model, *batch).chunk(2)
+        c, r = ref_cache.sequence_pair_logps(policy, *batch).chunk(2)
         pc.append(c)
         pr.append(r)
-    model.train(was_training)
+    policy.train(was_training)
     ref = ref.to(device=device, dtype=torch.float32)
     _, m = dpo_loss(torch.cat(pc), torch.cat(pr), ref[:, 0], ref[:, 1], beta=cfg.beta)
     return {"eval/accuracy": m["rewards/accuracies"].item(), "eval/margin": m["rewards/margins"].item()}
@@ -162,22 +162,33 @@ def prepare_output_dir(cfg: TrainConfig, main: bool = True) -> str:
     return out
 
 
-def save_checkpoint(out, model, optimizer, scheduler, step):
-    """Atomic: the last complete checkpoint survives an interrupt during the next one."""
+# Checkpoints hold the full (unsharded) state on the CPU, keyed by parameter name, with or without FSDP.
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def save_checkpoint(out, model, optimizer, scheduler, step, main: bool) -> dict:
+    """Every rank calls it (under FSDP gathering the state is a collective); the main one writes it and gets the
+    model state back (for save_pretrained). Atomic: the last complete checkpoint survives an interrupt during the
+    next one."""
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=FULL_STATE)
+    if not main:
+        return {}
     path = os.path.join(out, "checkpoint")
     os.makedirs(path, exist_ok=True)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    state = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
              "step": step, "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                    "numpy": np.random.get_state()}}
     tmp = os.path.join(path, f"state.pt.tmp-{os.getpid()}")
     torch.save(state, tmp)
     os.replace(tmp, os.path.join(path, "state.pt"))
+    return model_state
 
 
 def load_checkpoint(out, model, optimizer, scheduler) -> int:
+    """Every rank reads the full state; under FSDP each keeps its shard."""
     state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=FULL_STATE)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
@@ -245,7 +256,7 @@ def plot(out):
 def train(cfg: TrainConfig) -> dict:
     from tqdm.auto import tqdm
 
-    dist = Dist()
+    dist = Dist(cfg.fsdp)
     out = prepare_output_dir(cfg, dist.main)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -255,27 +266,28 @@ def train(cfg: TrainConfig) -> dict:
     # 1. load
     train_pairs, eval_pairs = prefdata.load_pairs(cfg.dataset, cfg.eval_fraction, cfg.seed)
     tokenizer, model = load_model(cfg, train_pairs)
-    model = with_lora(model, cfg).to(device)
+    model = with_lora(model, cfg)
+    policy = dist.wrap(ref_cache.Policy(model))    # on the device; with --fsdp sharded across the ranks
     train_ex = prefdata.tokenize(train_pairs, tokenizer, cfg.max_length, "train")
     eval_ex = prefdata.tokenize(eval_pairs, tokenizer, cfg.max_length, "eval")
     pad = tokenizer.pad_token_id
 
     # 2. reference log-probs, once: the initial policy is the reference; no second model is kept
-    ref_train = reference_logps(model, tokenizer, train_ex, cfg, dist)
-    ref_eval = reference_logps(model, tokenizer, eval_ex, cfg, dist)
+    ref_train = reference_logps(policy, tokenizer, train_ex, cfg, dist)
+    ref_eval = reference_logps(policy, tokenizer, eval_ex, cfg, dist)
 
     # 3. loop
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    policy.train()
+    params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     board = tensorboard_writer(out, cfg) if dist.main else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     start = load_checkpoint(out, model, optimizer, scheduler) if cfg.resume else 0
     if dist.main:
         truncate_log(out, start if cfg.resume else -1)
-    before = evaluate(model, eval_ex, ref_eval, pad, cfg, device) if start == 0 else None
+    before = evaluate(policy, eval_ex, ref_eval, pad, cfg, device) if start == 0 else None
     if before and dist.main:
         log(out, {"step": 0, **before})
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -286,7 +298,7 @@ def train(cfg: TrainConfig) -> dict:
         for micro in range(cfg.grad_accum):
             idx = batch_indices(step * cfg.grad_accum + micro, len(train_ex), cfg.batch_size, cfg.seed)
             with autocast:
-                loss, metrics = batch_loss(model, train_ex, ref_train, dist.shard(idx), pad, cfg, device)
+                loss, metrics = batch_loss(policy, train_ex, ref_train, dist.shard(idx), pad, cfg, device)
             (loss / cfg.grad_accum).backward()
             for k, v in {"loss": loss, **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / cfg.grad_accum
@@ -299,23 +311,23 @@ def train(cfg: TrainConfig) -> dict:
         record = {"step": step + 1, "lr": scheduler.get_last_lr()[0],
                   **{k: dist.mean_(v).item() for k, v in totals.items()}}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            record.update(evaluate(model, eval_ex, ref_eval, pad, cfg, device))
+            record.update(evaluate(policy, eval_ex, ref_eval, pad, cfg, device))
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
         if dist.main:
             log(out, record, board)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                save_checkpoint(out, model, optimizer, scheduler, step + 1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save_checkpoint(out, model, optimizer, scheduler, step + 1, dist.main)
 
     # 4. save
-    after = evaluate(model, eval_ex, ref_eval, pad, cfg, device)
+    after = evaluate(policy, eval_ex, ref_eval, pad, cfg, device)
     summary = {"before": before, "after": after, "train_examples": len(train_ex), "eval_examples": len(eval_ex)}
+    model_state = save_checkpoint(out, model, optimizer, scheduler, cfg.steps, dist.main)
     if dist.main:
         log(out, {"step": cfg.steps, **after}, board)
         if board is not None:
             board.close()
-        save_checkpoint(out, model, optimizer, scheduler, cfg.steps)
         final = os.path.join(out, "model")
-        model.save_pretrained(final)
+        model.save_pretrained(final, state_dict=model_state)
         tokenizer.save_pretrained(final)
         summary.update(plot=plot(out), model=final)
         with open(os.path.join(out, "summary.json"), "w") as f:

@@ -161,6 +161,18 @@ def test_yaml_config_and_flags(tmp_path):
     assert (cfg.beta, cfg.steps) == (0.3, 9)
 
 
+def torchrun(port, *args, script=("-m", "fastdpo"), check=True):
+    """`fastdpo train ARGS` in 2 CPU processes (gloo); a hang (a collective one rank never joins) fails the test."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(port), *script, "train", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    if check:
+        assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 def test_two_process_run_gives_the_single_process_loss_curve(tmp_path):
     """torchrun with 2 CPU processes (gloo), same global batch: the same losses as one process."""
     import subprocess
@@ -172,10 +184,7 @@ def test_two_process_run_gives_the_single_process_loss_curve(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "fastdpo", "train", "--output-dir", single, *common], check=True, env=env,
                    capture_output=True)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "29517", "-m", "fastdpo", "train", "--output-dir", double, *common], env=env,
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    torchrun(29517, "--output-dir", double, *common)
     a, b = losses(single), losses(double)
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
     # Not bitwise: two half-batch means averaged by an all-reduce, each padded to its own longest sequence.
@@ -216,3 +225,113 @@ def test_conversational_data_masks_the_templated_prompt(tmp_path):
     _, _, labels = prefdata.collate([example], tok.pad_token_id)
     scored = tok.decode([t for t in labels[0].tolist() if t != -100])
     assert "ships today" in scored and "where is order" not in scored
+
+
+# ------------------------------------------------------------------------------------ FSDP (torchrun, 2 CPU processes)
+
+FSDP_OPTIONS = dict(steps=4, batch_size=8, eval_every=0, save_every=2, warmup_steps=2, progress=False)
+
+
+def flags(**options):
+    out = []
+    for k, v in options.items():
+        flag = "--" + k.replace("_", "-")
+        out += [flag if v else "--no-" + flag[2:]] if isinstance(v, bool) else [flag, str(v)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """A model with tied embeddings on 201 train / 49 eval pairs (shards of 101/100 and 25/24 pairs: the eval
+    shards take 4 and 3 batches of 8, so the reference pass must even out its forward calls), trained in one
+    process and under FSDP with 2, each computing its own reference cache. -> (tmp dir, options, single, fsdp)"""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from fastdpo.tokenizer_train import trained_tokenizer
+    tmp = tmp_path_factory.mktemp("fsdp")
+    with open(prefdata.bundled_path()) as f:
+        rows = [json.loads(line) for line in f]
+    rows = [r for r in rows if r["split"] == "train"][:201] + [r for r in rows if r["split"] == "eval"][:49]
+    (tmp / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    tokenizer = trained_tokenizer(rows, 1024, str(tmp / "tokenizer"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp / "tied"))
+    tokenizer.save_pretrained(str(tmp / "tied"))
+    options = dict(FSDP_OPTIONS, model=str(tmp / "tied"), dataset=str(tmp / "data.jsonl"))
+    trainer.train(TrainConfig(**options, output_dir=str(tmp / "single"), cache_dir=str(tmp / "cache-single")))
+    torchrun(29518, "--fsdp", *flags(**options, output_dir=tmp / "fsdp", cache_dir=tmp / "cache-fsdp"))
+    return tmp, options, str(tmp / "single"), str(tmp / "fsdp")
+
+
+def test_fsdp_two_process_run_gives_the_single_process_loss_curve_cache_and_model(fsdp_runs):
+    from transformers import AutoModelForCausalLM
+    tmp, _, single, fsdp = fsdp_runs
+    a, b = losses(single), losses(fsdp)
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    # Not bitwise: two half-batch means averaged by the reduce-scatter, each padded to its own longest sequence.
+    torch.testing.assert_close(torch.tensor([l for _, l in a]), torch.tensor([l for _, l in b]), rtol=1e-5, atol=0)
+    # The reference cache: the same file names (fingerprints of the gathered weights), one per split, no temporary
+    # left; the rows gathered in data order, fp32 rounding apart (observed 2e-7 relative): the batches are grouped
+    # differently, so padded differently.
+    assert sorted(os.listdir(tmp / "cache-fsdp")) == sorted(os.listdir(tmp / "cache-single"))
+    for x, y in zip(cached_reference_tensors(str(tmp / "cache-single")),
+                    cached_reference_tensors(str(tmp / "cache-fsdp"))):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=0)
+    # The saved model: full-size weights, still tied, and the single-process run's logits. They differ by Adam's
+    # response to fp32 rounding in the gradients (observed 1e-6 on logits of size 1.4); any one weight left at its
+    # initial value (or a stale shard of it) moves them by 6e-4 (a layer norm) or more (0.3: the embeddings).
+    ms, mf = (AutoModelForCausalLM.from_pretrained(os.path.join(d, "model")) for d in (single, fsdp))
+    assert {k: v.shape for k, v in mf.state_dict().items()} == {k: v.shape for k, v in ms.state_dict().items()}
+    assert mf.lm_head.weight is mf.model.embed_tokens.weight
+    ids = torch.randint(0, ms.config.vocab_size, (4, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(mf(ids).logits, ms(ids).logits, rtol=0, atol=1e-4)
+
+
+DIE_AT_STEP_4 = """
+import sys
+from fastdpo import cli, trainer
+real, calls = trainer.batch_loss, []
+def batch_loss_or_die(*args, **kwargs):    # every rank: killed at step 4; the last checkpoint is step 2
+    calls.append(1)
+    if len(calls) == 4:
+        raise KeyboardInterrupt
+    return real(*args, **kwargs)
+trainer.batch_loss = batch_loss_or_die
+sys.exit(cli.main())
+"""
+
+
+def test_fsdp_resume_continues_with_the_losses_of_an_uninterrupted_run(fsdp_runs):
+    tmp, options, _, fsdp = fsdp_runs
+    (tmp / "die.py").write_text(DIE_AT_STEP_4)
+    args = ["--fsdp", *flags(**options, output_dir=tmp / "interrupted", cache_dir=tmp / "cache-fsdp")]
+    assert torchrun(29519, *args, script=[str(tmp / "die.py")], check=False).returncode != 0
+    assert [s for s, _ in losses(str(tmp / "interrupted"))] == [1, 2, 3]
+    torchrun(29520, *args, "--resume")
+    assert losses(str(tmp / "interrupted")) == losses(fsdp)
+
+
+def test_fsdp_with_lora_gives_the_single_process_loss_curve(tmp_path):
+    pytest.importorskip("peft")
+    options = dict(FSDP_OPTIONS, steps=3, save_every=0, lora_r=4)
+    trainer.train(TrainConfig(**options, output_dir=str(tmp_path / "single"), cache_dir=str(tmp_path / "cache")))
+    torchrun(29521, "--fsdp", *flags(**options, output_dir=tmp_path / "fsdp", cache_dir=tmp_path / "cache-fsdp"))
+    a, b = losses(str(tmp_path / "single")), losses(str(tmp_path / "fsdp"))
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
+    torch.testing.assert_close(torch.tensor([l for _, l in a]), torch.tensor([l for _, l in b]), rtol=1e-5, atol=0)
+    for x, y in zip(cached_reference_tensors(str(tmp_path / "cache")),     # the reference pass under FSDP + LoRA
+                    cached_reference_tensors(str(tmp_path / "cache-fsdp"))):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=0)
+    from safetensors.torch import load_file
+    sa, sb = (load_file(str(tmp_path / d / "model" / "adapter_model.safetensors")) for d in ("single", "fsdp"))
+    assert {k: v.shape for k, v in sb.items()} == {k: v.shape for k, v in sa.items()}
+
+
+def test_fsdp_with_one_process_trains_unsharded_and_says_so(tmp_path):
+    with pytest.warns(UserWarning, match="--fsdp with one process: nothing to shard"):
+        trainer.train(config(tmp_path, fsdp=True, steps=1, eval_every=0, save_every=0))
