@@ -10,7 +10,9 @@ Backward, for upstream gradients g [N] (one per token):
   alpha = scale / temperature, k = 1 - tanh^2 with softcap (else 1), so
   dH = dL @ W, dW = dL^T @ H, db = sum_n dL with dL = g * d logp / d l.
   Each program recomputes its logit tile; (onehot - p) is formed in fp32 and
-  only dL is cast to the input dtype for the two products.
+  only dL is cast to the input dtype for the two products. By default
+  (``_dlogits_kernel``) dL is written for a chunk of rows and the products are
+  matrix multiplies (``_matmul``); ``_logps_bwd_kernel`` does them in-kernel.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._matmul import matmul_f32
 from ._tile import dot, online_lse_step, softcap_slope, to_dot_operand, transform
 from .config import backward_mode, dlogits_rows, dot_precision, linear_blocks, upcast_dot, vocab_splits
 
@@ -306,37 +309,3 @@ def _fused_bwd(h, w, bias, rows, y, lse, g, dh, dw, db, cfg, common, filter_eps,
         _logps_bwd_kernel[(n_blocks, 1)](*tensors, dh, None, None, LOOP_N=False, LOOP_V=True, **common)
     if dw is not None or db is not None:
         _logps_bwd_kernel[(1, v_blocks)](*tensors, None, dw, db, LOOP_N=True, LOOP_V=False, **common)
-
-
-_OUT_DTYPE_MM = {}
-
-
-def matmul_f32(a, b, *, out, accumulate=False):
-    """out (fp32) = a @ b, or out += a @ b: products of the input dtype accumulated in fp32.
-
-    On CUDA bf16/fp16 operands go to the tensor cores with an fp32 result
-    (torch's ``out_dtype``); elsewhere (and if this torch lacks it) the
-    operands are upcast, which is exact, so the result is the same up to
-    summation order."""
-    if a.dtype != torch.float32 and a.is_cuda and _has_out_dtype_mm(a.device):
-        if accumulate:
-            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-        else:
-            torch.mm(a, b, out_dtype=torch.float32, out=out)
-        return out
-    if accumulate:
-        return out.addmm_(a.float(), b.float())
-    return torch.mm(a.float(), b.float(), out=out)
-
-
-def _has_out_dtype_mm(device) -> bool:
-    if device not in _OUT_DTYPE_MM:
-        x = torch.zeros(16, 16, dtype=torch.bfloat16, device=device)
-        acc = torch.zeros(16, 16, dtype=torch.float32, device=device)
-        try:
-            torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
-            torch.mm(x, x, out_dtype=torch.float32, out=acc)
-            _OUT_DTYPE_MM[device] = True
-        except (TypeError, RuntimeError):
-            _OUT_DTYPE_MM[device] = False
-    return _OUT_DTYPE_MM[device]
