@@ -161,20 +161,30 @@ def test_yaml_config_and_flags(tmp_path):
     assert (cfg.beta, cfg.steps) == (0.3, 9)
 
 
-def torchrun(port, *args, script=("-m", "fastdpo"), check=True):
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"],
+    # accelerate's multi-process launcher (torch.distributed.run underneath; gloo when there is no GPU)
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"],
+}
+
+
+def torchrun(port, *args, script=("-m", "fastdpo"), check=True, launcher="torchrun"):
     """`fastdpo train ARGS` in 2 CPU processes (gloo); a hang (a collective one rank never joins) fails the test."""
     import subprocess
     import sys
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(port), *script, "train", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, *LAUNCHERS[launcher], str(port), *script, "train", *args],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     if check:
         assert run.returncode == 0, run.stderr[-3000:]
     return run
 
 
-def test_two_process_run_gives_the_single_process_loss_curve(tmp_path):
-    """torchrun with 2 CPU processes (gloo), same global batch: the same losses as one process."""
+@pytest.mark.parametrize("launcher, port", [("torchrun", 29517), ("accelerate", 29522)])
+def test_two_process_run_gives_the_single_process_loss_curve(tmp_path, launcher, port):
+    """torchrun / accelerate launch with 2 CPU processes (gloo), same global batch: the same losses as one process."""
+    if launcher == "accelerate":
+        pytest.importorskip("accelerate")
     import subprocess
     import sys
     common = ["--steps", "4", "--batch-size", "8", "--eval-every", "0", "--save-every", "0", "--warmup-steps", "2",
@@ -184,7 +194,7 @@ def test_two_process_run_gives_the_single_process_loss_curve(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "fastdpo", "train", "--output-dir", single, *common], check=True, env=env,
                    capture_output=True)
-    torchrun(29517, "--output-dir", double, *common)
+    torchrun(port, "--output-dir", double, *common, launcher=launcher)
     a, b = losses(single), losses(double)
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
     # Not bitwise: two half-batch means averaged by an all-reduce, each padded to its own longest sequence.
