@@ -206,6 +206,31 @@ def cached_reference_tensors(cache_dir):
                    for f in os.listdir(cache_dir) if f.startswith("ref-logps-")), key=len)
 
 
+def test_model_by_hub_name_resolves_offline_from_the_hub_cache(tmp_path):
+    """--model takes a hub name (org/name): here a snapshot in a local Hugging Face cache, offline. An unknown
+    name fails with the one-line error."""
+    import shutil
+    import subprocess
+    import sys
+    trainer.train(config(tmp_path, "base", steps=1, eval_every=0, save_every=0))
+    repo, revision = tmp_path / "hf" / "hub" / "models--fake-org--tiny-llama", "0" * 40
+    shutil.copytree(tmp_path / "base" / "model", repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def train(model, out):
+        return subprocess.run([sys.executable, "-m", "fastdpo", "train", "--model", model, "--steps", "2",
+                               "--eval-every", "0", "--save-every", "0", "--output-dir", str(tmp_path / out),
+                               "--cache-dir", str(tmp_path / "cache"), "--no-progress"],
+                              env=env, capture_output=True, text=True, timeout=300)
+    run = train("fake-org/tiny-llama", "hub")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert [s for s, _ in losses(str(tmp_path / "hub"))] == [1, 2]
+    missing = train("fake-org/no-such-model", "missing")
+    assert missing.returncode != 0 and "--model 'fake-org/no-such-model': cannot load it" in missing.stderr
+
+
 def test_lora_reference_is_the_base_model_and_only_adapters_train(tmp_path):
     pytest.importorskip("peft")
     trainer.train(config(tmp_path, "plain", steps=1, eval_every=0, save_every=0))
