@@ -13,8 +13,11 @@ Naming convention, used in every kernel and launcher here:
   ``softcap * tanh(l * scale / softcap) / temperature``; ``lse``: logsumexp of z.
 
 Each op has a ``_<op>_fwd_kernel`` / ``_<op>_bwd_kernel`` (``@triton.jit`` only)
-and ``<op>_fwd()`` / ``<op>_bwd()`` launchers (checks, allocation, grid). No
-autograd lives here; see ``fastdpo/logps.py``.
+and ``<op>_fwd()`` / ``<op>_bwd()`` launchers (checks, allocation, grid). The
+linear op's backward launcher uses ``_dlogits_kernel`` and two matrix products
+(``_matmul.py``) by default, ``_logps_bwd_kernel`` with ``FASTDPO_BWD=fused``
+(``config.py`` holds every such choice). No autograd lives here; see
+``fastdpo/logps.py``.
 """
 from .dpo_loss import dpo_pair_loss
 from .logits_logps import logits_logps_bwd, logits_logps_fwd
