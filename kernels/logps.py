@@ -273,10 +273,21 @@ def logps_bwd(h, w, bias, rows, y, lse, g, *, need_dh, need_dw, need_db, scale=1
                   UPCAST=upcast_dot(h.dtype), DOT_PRECISION=dot_precision(h.dtype),
                   BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # fp16: g * (onehot - p) becomes an fp16 product operand. DPO's per-token gradients are ~1e-4, where fp16
+    # loses bits to underflow: scale g by a power of two so that max|g| is about 1, undone exactly at the end
+    # (no host sync; a non-finite g stays in its own rows). bf16 has fp32's exponent range and needs none.
+    unit = None
+    if h.dtype == torch.float16:
+        unit = torch.exp2(-torch.floor(torch.log2(
+            torch.where(torch.isfinite(g), g.abs(), 0.0).max().clamp(min=2.0 ** -100))))
+        g = g * unit
     if backward_mode() == "fused":
         _fused_bwd(h, w, bias, rows, y, lse, g, dh, dw, db, cfg, common, filter_eps, deterministic)
     else:
         _products_bwd(h, w, bias, rows, y, lse, g, dh, dw, db, cfg, common)
+    for grad in (dh, dw, db):
+        if grad is not None and unit is not None:
+            grad /= unit
     return dh, dw, db
 
 

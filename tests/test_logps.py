@@ -171,6 +171,22 @@ def test_triton_deterministic_mode(dtype, requires, mode, device, monkeypatch):
 
 
 @pytest.mark.requires_triton
+@pytest.mark.parametrize("mode", ["products", "fused"])
+@pytest.mark.parametrize("upstream", [1e-4, 1e-5])
+def test_small_upstream_gradients_keep_fp16_precision(upstream, mode, device, monkeypatch):
+    """DPO's per-token gradients are ~1e-4: the fp16 gradients stay as close to the truth as the truth
+    rounded to fp16 (plus one fp16 unit roundoff), however small g is (the naive fp16 path is not)."""
+    monkeypatch.setenv("FASTDPO_BWD", mode)
+    hidden, weight, _, labels = make_inputs(1, 48, 32, 300, device=device)
+    h16, w16 = (t.half().requires_grad_() for t in (hidden, weight))
+    (fastdpo.sequence_logps(h16, w16, labels, backend="triton", filter_eps=None) * upstream).sum().backward()
+    h64, w64 = (t.half().double().requires_grad_() for t in (hidden, weight))
+    (reference.sequence_logps(h64, w64, labels) * upstream).sum().backward()
+    for name, got, truth in (("d_hidden", h16.grad, h64.grad), ("d_weight", w16.grad, w64.grad)):
+        assert_no_worse_than_reference(got, truth.half(), truth, torch.float16, what=name)
+
+
+@pytest.mark.requires_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
 def test_gradient_filtering_skips_tiles_within_dtype_tolerance(dtype, device, monkeypatch):
     """filter_eps='auto' skips negligible tiles of the fused backward: on peaked logits the gradients
