@@ -90,6 +90,14 @@ class Dist:
                 if p.grad is not None:
                     self.mean_(p.grad)
 
+    def from_main(self, obj):
+        """Rank 0's obj on every rank: decisions that steer collectives (a cache hit) are made once."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

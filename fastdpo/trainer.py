@@ -72,7 +72,9 @@ def cache_dir(cfg: TrainConfig) -> str:
 def reference_logps(policy, tokenizer, examples, cfg: TrainConfig, dist: Dist) -> torch.Tensor:
     """[n, 2] reference log-probs from the cache, or computed once (sharded across ranks) and cached."""
     key = ref_cache.fingerprint(policy.model, tokenizer, examples, cfg.max_length)
-    cached = ref_cache.load(cache_dir(cfg), key, len(examples))
+    # rank 0 reads the cache for everyone: ranks that disagreed (a node-local cache dir, a file another job is
+    # writing) would run different numbers of collective forwards and hang
+    cached = dist.from_main(ref_cache.load(cache_dir(cfg), key, len(examples)) if dist.main else None)
     if cached is not None:
         return cached
     part = ref_cache.compute(policy, dist.shard_even(examples), tokenizer.pad_token_id, cfg.batch_size,

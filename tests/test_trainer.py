@@ -352,8 +352,9 @@ def test_fsdp_resume_continues_with_the_losses_of_an_uninterrupted_run(fsdp_runs
 
 
 def test_fsdp_with_lora_gives_the_single_process_loss_curve(tmp_path):
+    """FSDP + LoRA + gradient checkpointing: the single-process curve (checkpointing on in both runs)."""
     pytest.importorskip("peft")
-    options = dict(FSDP_OPTIONS, steps=3, save_every=0, lora_r=4)
+    options = dict(FSDP_OPTIONS, steps=3, save_every=0, lora_r=4, gradient_checkpointing=True)
     trainer.train(TrainConfig(**options, output_dir=str(tmp_path / "single"), cache_dir=str(tmp_path / "cache")))
     torchrun(29521, "--fsdp", *flags(**options, output_dir=tmp_path / "fsdp", cache_dir=tmp_path / "cache-fsdp"))
     a, b = losses(str(tmp_path / "single")), losses(str(tmp_path / "fsdp"))
