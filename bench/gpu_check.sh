@@ -45,7 +45,8 @@ for shape in llama3 gemma2; do
   step "compare $shape" 120 "compare_$shape.txt" python3 bench/compare.py --shape "$shape" --repeats 10 \
     --out "$OUT/results.md"
 done
-step "cuda tests" 150 tests.txt env FASTDPO_TEST_CUDA=1 python3 -m pytest -q -n 8 -p no:cacheprovider \
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")      # pytest-xdist where the machine has it
+step "cuda tests" 150 tests.txt env FASTDPO_TEST_CUDA=1 python3 -m pytest -q $XDIST -p no:cacheprovider \
   tests/test_logps.py tests/test_logits_logps.py -k triton
 if [ "${1:-}" != "--no-tune" ]; then
   step "tune" 150 tune.txt python3 bench/gpu_tune.py
