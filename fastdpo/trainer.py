@@ -188,7 +188,8 @@ def save_checkpoint(out, model, optimizer, scheduler, step, main: bool) -> dict:
 
 def load_checkpoint(out, model, optimizer, scheduler) -> int:
     """Every rank reads the full state; under FSDP each keeps its shard."""
-    state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
+    # mmap: ranks on one machine share the file's pages instead of each holding a copy of the full state
+    state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False, mmap=True)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=FULL_STATE)
     scheduler.load_state_dict(state["scheduler"])
