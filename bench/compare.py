@@ -131,6 +131,11 @@ def measure_cuda(step, repeats: int) -> dict:
     step()
     torch.cuda.synchronize()
     growth_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return {"s": cuda_seconds(step, repeats), "growth_mb": growth_mb, "peak_clean": True}
+
+
+def cuda_seconds(step, repeats: int) -> float:
+    """Median of `repeats` CUDA-event timings of step() (warmed up by the caller)."""
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -139,7 +144,7 @@ def measure_cuda(step, repeats: int) -> dict:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return {"s": statistics.median(times), "growth_mb": growth_mb, "peak_clean": True}
+    return statistics.median(times)
 
 
 def run_child(args) -> dict:

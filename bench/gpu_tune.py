@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import DTYPES, SHAPES, gemm_rate, make_problem, measure_cuda  # noqa: E402
+from compare import DTYPES, SHAPES, cuda_seconds, gemm_rate, make_problem, measure_cuda  # noqa: E402
 from _peers import METHODS  # noqa: E402
 
 # FASTDPO_BWD:FASTDPO_BLOCKS ("default": unset)
@@ -32,15 +31,7 @@ def forward_seconds(pb, repeats: int) -> float:
         with torch.no_grad():
             fastdpo.sequence_logps(pb.hidden, pb.weight, pb.labels, softcap=pb.softcap)
     fwd()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fwd()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return cuda_seconds(fwd, repeats)
 
 
 def profile_step(pb) -> str:
