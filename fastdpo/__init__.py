@@ -1,6 +1,9 @@
 """fastdpo: fused Triton kernels for Direct Preference Optimization."""
-from . import loss
-from .logps import sequence_logps, sequence_logps_from_logits
-
 __version__ = "0.1.0"
-__all__ = ["sequence_logps", "sequence_logps_from_logits", "loss", "__version__"]
+
+from . import loss  # noqa: E402
+from .logps import sequence_logps, sequence_logps_from_logits  # noqa: E402
+from .models import model_dpo_loss, model_sequence_logps, output_head  # noqa: E402
+
+__all__ = ["sequence_logps", "sequence_logps_from_logits", "model_sequence_logps", "model_dpo_loss", "output_head",
+           "loss", "__version__"]

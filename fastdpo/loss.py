@@ -225,13 +225,16 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     bias: Optional[torch.Tensor] = None, ignore_index: int = -100, logit_scale: float = 1.0,
                     softcap: Optional[float] = None, temperature: float = 1.0,
                     ref_hidden: Optional[torch.Tensor] = None, ref_weight: Optional[torch.Tensor] = None,
-                    ref_bias: Optional[torch.Tensor] = None, backend: str = "auto", **loss_kwargs):
+                    ref_bias: Optional[torch.Tensor] = None, backend: str = "auto", return_logps: bool = False,
+                    **loss_kwargs):
     """Hidden states [2B, T, D] (B chosen rows, then B rejected) and lm_head weight [V, D] -> (loss, metrics).
 
     The reference comes as log-probs [B] each, or as ``ref_hidden`` (+ ``ref_weight``,
     default ``weight``): then its log-probs are computed by the same fused op under no-grad.
     Sequence lengths for the length-normalized losses are counted from ``labels``.
     Other keyword options (label_smoothing, loss_weights, f_divergence_type, gamma, ...) as in ``dpo_loss``.
+    ``return_logps=True`` also returns the policy's per-sequence log-probs [2B] (detached): the same numbers the
+    loss was computed from (a trainer's reference pass can share the training pass's arithmetic exactly).
 
     One pass on the chunked PyTorch path (CPU): for sigmoid, hinge, exo_pair, robust,
     discopop (and, length-normalized, ipo, sigmoid_norm, simpo) with reverse KL, the
@@ -267,13 +270,15 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         labels = check_labels(labels, hidden.shape[:2], hidden.device, weight.shape[0], ignore_index)
         loss, pc, pr = FusedLinearDPO.apply(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps,
                                             lp, params, fused)
-        return loss, _metrics(pc, pr, ref_chosen_logps, ref_rejected_logps, params.beta)
+        out = loss, _metrics(pc, pr, ref_chosen_logps, ref_rejected_logps, params.beta)
+        return (*out, torch.cat([pc, pr]).detach()) if return_logps else out
     logps = sequence_logps(hidden, weight, labels, **logp_kw)
     lengths = (labels != ignore_index).sum(1).to(logps.dtype)
     pc, pr = logps.chunk(2)
     lc, lr = lengths.chunk(2)
-    return dpo_loss(pc, pr, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
-                    chosen_lengths=lc, rejected_lengths=lr, backend=backend, **loss_kwargs)
+    out = dpo_loss(pc, pr, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
+                   chosen_lengths=lc, rejected_lengths=lr, backend=backend, **loss_kwargs)
+    return (*out, logps.detach()) if return_logps else out
 
 
 def _one_pass(hidden, weight, bias, labels, ref_c, ref_r, params: DPOParams, backend: str) -> Optional[str]:

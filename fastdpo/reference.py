@@ -61,6 +61,14 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
+def model_sequence_logps(model, input_ids, labels, *, attention_mask=None, position_ids=None, average=False):
+    """The plain path of a Hugging Face causal LM: ``model(...).logits`` -> log_softmax -> gather -> masked sum, with
+    Hugging Face labels (shaped like input_ids, -100 where not scored, shifted here)."""
+    kwargs = {} if position_ids is None else {"position_ids": position_ids}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+    return sequence_logps_from_logits(logits[:, :-1], labels[:, 1:], average=average)
+
+
 def f_divergence_scores(logratios: torch.Tensor, f_divergence_type: str, alpha: float) -> torch.Tensor:
     """f'(pi/ref) as TRL's DPOTrainer computes it from log(pi/ref)."""
     if f_divergence_type == "reverse_kl" or (f_divergence_type == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):

@@ -1,0 +1,171 @@
+"""Hugging Face causal LMs through the fused head: the backbone runs, the output head's logits are left to the
+fused op, so ``[tokens, vocab]`` never exists.
+
+``model_sequence_logps`` equals the plain path (``model(...).logits`` -> log_softmax -> gather -> masked sum)
+for every family in ``fastdpo.heads.HEADS``: what each family's forward does to the lm_head output (scaling,
+softcapping) is read from the attributes that forward reads; the lm_head's bias, tied weights and PEFT LoRA on
+the lm_head go into the fused product. A head the table does not know raises instead of computing something else.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .heads import head_rule
+from .logps import sequence_logps
+from .loss import linear_dpo_loss
+
+
+@dataclass(frozen=True)
+class Head:
+    """What the fused op needs besides the hidden states: logits = softcap·tanh((h'·w + b)·logit_scale/softcap).
+
+    With LoRA on the lm_head, ``h' = [h, s·A·dropout(h)]`` and ``w = [W, B]`` (D + r columns): the adapter's
+    term sits inside the same product. ``extend`` builds h' from the backbone's h."""
+    weight: torch.Tensor                 # [V, D'] (D' = D + the LoRA ranks)
+    bias: Optional[torch.Tensor]         # [V] or None
+    logit_scale: float
+    softcap: Optional[float]
+    lora: tuple = ()                     # ((lora_A module, dropout module, scaling), ...)
+
+    def extend(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.lora:
+            return hidden
+        return torch.cat([hidden] + [s * a(drop(hidden)) for a, drop, s in self.lora], dim=-1)
+
+    def options(self) -> dict:
+        return dict(bias=self.bias, logit_scale=self.logit_scale, softcap=self.softcap)
+
+
+def _base(model):
+    """The transformers model under a PEFT wrapper (PeftModel.get_base_model), else the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _linear_parts(module, where: str):
+    """(weight, bias, lora terms) of an output layer that is a plain linear map, a PEFT LoRA layer around one,
+    or a PEFT modules_to_save copy of one. Anything else raises."""
+    cls = type(module).__name__
+    if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):       # peft ModulesToSaveWrapper
+        inner = module.original_module if module.disable_adapters else module.modules_to_save[module.active_adapter]
+        return _linear_parts(inner, where)
+    if hasattr(module, "base_layer") and hasattr(module, "lora_A"):                     # peft LoRA layer
+        weight, bias, lora = _linear_parts(module.base_layer, where)
+        if module.disable_adapters or module.merged:
+            return weight, bias, lora
+        extra_w, extra_b = [weight], [] if bias is None else [bias]
+        for name in module.active_adapters:
+            if name not in module.lora_A:
+                continue
+            if name in getattr(module, "lora_variant", {}) or module.use_dora.get(name, False):
+                raise ValueError(f"{where}: the LoRA variant of adapter {name!r} on the output layer (DoRA and the "
+                                 "like) is not a plain low-rank term; fastdpo cannot fuse it")
+            a, b, s = module.lora_A[name], module.lora_B[name], module.scaling[name]
+            if type(a) is not torch.nn.Linear or type(b) is not torch.nn.Linear:
+                raise ValueError(f"{where}: LoRA adapter {name!r} on the output layer is not made of linear maps")
+            lora = lora + ((a, module.lora_dropout[name], s),)
+            extra_w.append(b.weight)
+            if b.bias is not None:                  # peft lora_bias: B(z) = z·Bᵀ + b_B, scaled by s
+                extra_b.append(s * b.bias)
+        weight = torch.cat(extra_w, dim=1) if len(extra_w) > 1 else weight
+        bias = None if not extra_b else (extra_b[0] if len(extra_b) == 1 else torch.stack(extra_b).sum(0))
+        return weight, bias, lora
+    if type(module) is torch.nn.Linear:
+        return module.weight, module.bias, ()
+    raise ValueError(f"{where}: the output layer is a {cls}, not a plain linear map; fastdpo cannot fuse it "
+                     "(quantized and custom heads are not supported)")
+
+
+def output_head(model) -> Head:
+    """The fused-op view of ``model``'s output head (see ``fastdpo.heads`` for what each family does)."""
+    base = _base(model)
+    rule = head_rule(base)
+    module = base.get_output_embeddings()
+    if module is None:
+        raise ValueError(f"{type(base).__name__} has no output embeddings (get_output_embeddings() is None)")
+    weight, bias, lora = _linear_parts(module, type(base).__name__)
+    scale, softcap = rule.transform(base)
+    return Head(weight, bias, scale, softcap, lora)
+
+
+def backbone_hidden(model, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+    """[B, L, D] last hidden states of the backbone the family's forward runs before its lm_head."""
+    base = _base(model)
+    backbone = head_rule(base).backbone_of(base)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    if "use_cache" in inspect.signature(backbone.forward).parameters:
+        kwargs["use_cache"] = False                 # no key/value cache: scoring, not generating
+    out = backbone(**kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _check_ids(input_ids, labels, attention_mask, position_ids):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        raise ValueError("input_ids must be an integer tensor [B, L]")
+    if input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must have at least 2 positions (the first token is never scored), got shape "
+                         f"{tuple(input_ids.shape)}")
+    for name, t in (("labels", labels), ("attention_mask", attention_mask), ("position_ids", position_ids)):
+        if t is None and name != "labels":
+            continue
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(input_ids.shape):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a tensor shaped like input_ids {tuple(input_ids.shape)} (Hugging "
+                             f"Face style: not shifted), got {got}")
+
+
+@contextlib.contextmanager
+def _fused_precision(device_type: str):
+    """The fused op keeps its own precision (fp32 accumulation): autocast is off inside it."""
+    with torch.autocast(device_type, enabled=False):
+        yield
+
+
+def _head_inputs(model, input_ids, labels, attention_mask, position_ids):
+    """(hidden [B, L-1, D'], weight, fused-op options, labels [B, L-1]): labels shifted, autocast applied as
+    ``F.linear`` would apply it to the lm_head."""
+    _check_ids(input_ids, labels, attention_mask, position_ids)
+    head = output_head(model)
+    hidden = head.extend(backbone_hidden(model, input_ids, attention_mask, position_ids)[:, :-1])
+    weight, options = head.weight, head.options()
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        if options["bias"] is not None:
+            options["bias"] = options["bias"].to(dtype)
+    return hidden, weight, options, labels[:, 1:]
+
+
+def model_sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, *,
+                         attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                         average: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Per-sequence log-probs [B] (float32) of a Hugging Face causal LM, through its backbone and the fused head.
+
+    Equal to ``log_softmax(model(input_ids, ...).logits)`` gathered at the labels and summed (``average=True``:
+    averaged) over the scored positions, without the logits. ``labels`` as in Hugging Face: shaped like
+    ``input_ids``, -100 where not scored, shifted inside (``labels[:, t]`` is predicted at position t - 1).
+    Differentiable w.r.t. every parameter; PEFT-wrapped models included (LoRA on the lm_head too).
+    """
+    hidden, weight, options, shifted = _head_inputs(model, input_ids, labels, attention_mask, position_ids)
+    with _fused_precision(hidden.device.type):
+        return sequence_logps(hidden, weight, shifted, average=average, backend=backend, **options)
+
+
+def model_dpo_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
+                   ref_chosen_logps: Optional[torch.Tensor] = None, ref_rejected_logps: Optional[torch.Tensor] = None,
+                   *, attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                   **loss_options):
+    """``linear_dpo_loss`` of a Hugging Face causal LM: input_ids/labels [2B, L] (the B chosen rows, then the B
+    rejected rows; labels as in ``model_sequence_logps``) -> (loss, metrics) (and the policy's log-probs [2B]
+    with ``return_logps=True``). Loss options as in ``fastdpo.loss.linear_dpo_loss``."""
+    hidden, weight, options, shifted = _head_inputs(model, input_ids, labels, attention_mask, position_ids)
+    with _fused_precision(hidden.device.type):
+        return linear_dpo_loss(hidden, weight, shifted, ref_chosen_logps, ref_rejected_logps, **options,
+                               **loss_options)
