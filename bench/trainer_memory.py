@@ -10,7 +10,6 @@ cache replaces). Prints the peak resident memory (ru_maxrss) of each process.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import resource
@@ -18,30 +17,23 @@ import subprocess
 import sys
 import tempfile
 
-import torch
 
 
 def child(mode: str, model_dir: str, out: str) -> None:
-    from fastdpo import prefdata, ref_cache, trainer
-    from fastdpo.train_config import TrainConfig
+    from fastdpo.train import trainer
+    from fastdpo.train.config import build
 
     if mode == "per-step":
-        class PerStep:
-            def __init__(self, model, examples, pad):
-                self.model, self.examples, self.pad = copy.deepcopy(model).eval(), examples, pad
-
-            def __getitem__(self, idx):
-                with torch.no_grad():
-                    batch = prefdata.collate([self.examples[i] for i in idx], self.pad)
-                    c, r = ref_cache.sequence_pair_logps(self.model, *batch).double().chunk(2)
-                return torch.stack([c, r], 1)
-
         original = trainer.reference_logps
-        trainer.reference_logps = lambda model, tok, ex, cfg, dist: (
-            PerStep(model, ex, tok.pad_token_id) if len(ex) > 100 else original(model, tok, ex, cfg, dist))
-    cfg = TrainConfig(model=model_dir, steps=5, batch_size=8, eval_every=0, save_every=0, output_dir=out,
-                      cache_dir=os.path.join(out, "cache"), progress=False)
-    trainer.train(cfg)
+
+        def per_step(split, policy, examples, pad_id, digest, settings, cfg, dist, amp):
+            if split != "train":
+                return original(split, policy, examples, pad_id, digest, settings, cfg, dist, amp)
+            return trainer.PerStepReference(policy, examples, pad_id, cfg, dist.device, amp)
+        trainer.reference_logps = per_step
+    options = dict(model=model_dir, steps=5, batch_size=8, eval_every=0, save_every=0, output_dir=out,
+                   cache_dir=os.path.join(out, "cache"), progress=False, max_length=96)
+    trainer.train(build(options, set(options)))
     print(json.dumps({"mode": mode, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -55,11 +47,11 @@ def main() -> None:
         return child(*args.child)
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from fastdpo import prefdata
-    from fastdpo.tokenizer_train import trained_tokenizer
+    from fastdpo.train import prefs
+    from fastdpo.train.tokenizer import trained_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        train_pairs, _ = prefdata.load_pairs(None, 0.1, 0)
+        train_pairs, _ = prefs.load_pairs(None, 0.1, 0)
         tok = trained_tokenizer(train_pairs, 1024, os.path.join(tmp, "tok"))
         config = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                              num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,

@@ -7,7 +7,7 @@ import tempfile
 import torch
 from transformers import Trainer, TrainingArguments
 
-from fastdpo.loss import linear_dpo_loss
+from fastdpo import model_dpo_loss
 
 from plain_loop import logps_of, tiny_model, toy_batch
 
@@ -37,10 +37,9 @@ class FastDPOTrainer(Trainer):
     beta = 0.1
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        hidden = model.model(inputs["input_ids"]).last_hidden_state[:, :-1]
         ref_chosen, ref_rejected = inputs["ref_logps"].chunk(2)
-        loss, metrics = linear_dpo_loss(hidden, model.lm_head.weight, inputs["labels"], ref_chosen, ref_rejected,
-                                        beta=self.beta)
+        loss, metrics = model_dpo_loss(model, inputs["input_ids"], inputs["labels"], ref_chosen, ref_rejected,
+                                       beta=self.beta)
         return (loss, metrics) if return_outputs else loss
 
 

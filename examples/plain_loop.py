@@ -1,14 +1,13 @@
-"""fastdpo in a plain PyTorch loop: a Hugging Face causal LM's backbone gives hidden states,
-``linear_dpo_loss`` turns them and the lm_head weight into the DPO loss. Runs on CPU in seconds
-with a tiny randomly initialized Llama (no downloads).
+"""fastdpo in a plain PyTorch loop: ``fastdpo.model_dpo_loss`` runs a Hugging Face causal LM's backbone and
+hands its output head (bias, logit scaling, softcap, tied weights and LoRA included) to the fused DPO loss, so
+the logits never exist. Runs on CPU in seconds with a tiny randomly initialized Llama (no downloads).
 
     python examples/plain_loop.py
 """
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from fastdpo import sequence_logps
-from fastdpo.loss import linear_dpo_loss
+from fastdpo import model_dpo_loss, model_sequence_logps
 
 
 def tiny_model(seed=0):
@@ -19,7 +18,7 @@ def tiny_model(seed=0):
 
 
 def toy_batch(pairs=4, prompt=6, completion=10, vocab=128, seed=0):
-    """input_ids [2P, L] (P chosen rows, then P rejected) and labels aligned for next-token scoring."""
+    """input_ids [2P, L] (P chosen rows, then P rejected) and labels as in Hugging Face (-100: not scored)."""
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, vocab, (pairs, prompt), generator=g)
     chosen = torch.randint(0, vocab // 2, (pairs, completion), generator=g)           # "good" tokens
@@ -27,12 +26,11 @@ def toy_batch(pairs=4, prompt=6, completion=10, vocab=128, seed=0):
     input_ids = torch.cat([torch.cat([prompts, chosen], 1), torch.cat([prompts, rejected], 1)])
     labels = input_ids.clone()
     labels[:, :prompt] = -100                     # prompt tokens are not scored
-    return input_ids, labels[:, 1:]               # hidden[:, t] predicts token t + 1
+    return input_ids, labels                      # shifted inside, as in Hugging Face
 
 
 def logps_of(model, input_ids, labels):
-    hidden = model.model(input_ids).last_hidden_state[:, :-1]
-    return sequence_logps(hidden, model.lm_head.weight, labels)
+    return model_sequence_logps(model, input_ids, labels)
 
 
 def main(steps=20, beta=0.1):
@@ -42,8 +40,7 @@ def main(steps=20, beta=0.1):
         ref_chosen, ref_rejected = logps_of(model, input_ids, labels).chunk(2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(steps):
-        hidden = model.model(input_ids).last_hidden_state[:, :-1]                   # [2P, L-1, D]
-        loss, metrics = linear_dpo_loss(hidden, model.lm_head.weight, labels, ref_chosen, ref_rejected, beta=beta)
+        loss, metrics = model_dpo_loss(model, input_ids, labels, ref_chosen, ref_rejected, beta=beta)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -37,21 +37,21 @@ class Dist:
     def shard(self, items: list) -> list:
         return items[self.rank::self.world]
 
-    def shard_even(self, items: list) -> list:
-        """shard, the shorter shards padded with items[0]: under FSDP every forward is a collective, so every
-        rank must make the same number of them. unshard drops the padding."""
-        part = self.shard(items)
-        return part + items[:1] * (-(-len(items) // self.world) - len(part))
-
-    def unshard(self, part: torch.Tensor, n: int) -> torch.Tensor:
-        """Inverse of shard (and shard_even) for rows: every rank gets all n rows in the original order."""
-        if self.world == 1:
-            return part
-        parts = [None] * self.world
-        dist.all_gather_object(parts, part.cpu())
-        full = torch.empty((n, *part.shape[1:]), dtype=part.dtype)
-        for r, p in enumerate(parts):
-            full[r::self.world] = p[:len(range(r, n, self.world))]      # without shard_even's padding
+    def gather_rows(self, index: list, rows: torch.Tensor, n: int) -> torch.Tensor:
+        """Every rank's (index, rows) pieces -> all n rows in index order, on every rank (an index given by several
+        ranks or twice keeps its first value)."""
+        pieces = [(index, rows.cpu())]
+        if self.world > 1:
+            pieces = [None] * self.world
+            dist.all_gather_object(pieces, (index, rows.cpu()))
+        full = torch.empty((n, *rows.shape[1:]), dtype=rows.dtype)
+        done = torch.zeros(n, dtype=torch.bool)
+        for idx, part in pieces:
+            for i, row in zip(idx, part):
+                if not done[i]:
+                    full[i], done[i] = row, True
+        if not bool(done.all()):
+            raise RuntimeError(f"gather_rows: {int((~done).sum())} of {n} rows were computed by no rank")
         return full
 
     def wrap(self, policy: torch.nn.Module) -> torch.nn.Module:
@@ -76,6 +76,14 @@ class Dist:
         # (reference pass, eval) has none: reshard, so that policy.parameters() are the shards (the optimizer's).
         policy.register_forward_hook(lambda module, args, out: None if torch.is_grad_enabled() else module.reshard())
         return policy
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on any: a stop that every rank obeys at the same step."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def mean_(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:

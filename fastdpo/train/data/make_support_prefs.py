@@ -2,11 +2,13 @@
 
 Deterministic (``random.Random(0)``), standard library only. Run from anywhere::
 
-    python fastdpo/data/make_support_prefs.py
+    python fastdpo/train/data/make_support_prefs.py
 
 Each output line is one JSON object in TRL's explicit-prompt preference format::
 
     {"prompt": str, "chosen": str, "rejected": str, "split": "train" | "eval"}
+
+Replies start with the space that separates them from the prompt (TRL tokenizes prompt + reply as one string).
 
 Prompts are short customer messages built from templates x slots. ``chosen`` is a
 polite, specific reply (acknowledges, gives steps that match the question, offers
@@ -597,8 +599,9 @@ def generate(rng):
                 if chosen == rejected:
                     continue
                 seen.add(prompt)
-                rows.append({"prompt": prompt, "chosen": chosen,
-                             "rejected": rejected, "split": split})
+                # TRL joins prompt + completion as one string: the reply carries its separating space
+                rows.append({"prompt": prompt, "chosen": " " + chosen,
+                             "rejected": " " + rejected, "split": split})
                 made += 1
     rng.shuffle(rows)
     return rows

@@ -1,4 +1,8 @@
-"""A small BPE tokenizer trained on the preference data at first use (the default run downloads nothing)."""
+"""A small BPE tokenizer trained on the preference data at first use (the default run downloads nothing).
+
+It behaves as a Llama tokenizer does for TRL's tokenization: BOS is added when text is encoded, EOS is a special
+token that TRL appends to plain-text completions.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,9 +10,10 @@ import json
 import os
 
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-# For conversational data: "role: content" lines, each message closed by EOS.
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+# For conversational data: BOS, then "role: content" lines, each message closed by EOS.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
+VERSION = "2"    # part of the cache name: version 2 adds BOS when encoding
 
 
 def _texts(pairs):
@@ -19,10 +24,10 @@ def _texts(pairs):
 
 def trained_tokenizer(pairs, vocab_size: int, cache_dir: str):
     """PreTrainedTokenizerFast trained on ``pairs`` (cached under cache_dir by the data's hash)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    digest = hashlib.sha256("\n".join(_texts(pairs)).encode() + str(vocab_size).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\n".join(_texts(pairs)).encode() + f"{vocab_size}/{VERSION}".encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"tokenizer-{digest}.json")
     if not os.path.exists(path):
         tok = Tokenizer(models.BPE(unk_token=SPECIALS["unk_token"]))
@@ -31,6 +36,9 @@ def trained_tokenizer(pairs, vocab_size: int, cache_dir: str):
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS.values()),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         tok.train_from_iterator(_texts(pairs), trainer)
+        bos = SPECIALS["bos_token"]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         tok.save(tmp)

@@ -1,0 +1,125 @@
+"""``fastdpo train``: flags and/or a YAML file (flags win), every option documented once with its default.
+
+Flags and YAML values go through one typed parser (``config.coerce``); a bad option, bad data or an interrupt ends
+the run with one line on stderr and a non-zero exit code, never a traceback (FASTDPO_DEBUG=1 shows it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from .. import __version__
+from .config import FIELDS, ConfigError, build, flag, kind_of
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _default_text(name: str) -> str:
+    default = FIELDS[name].default
+    if default is None:
+        return ""            # the help text says what happens without it
+    return f" (default: {str(default).lower() if isinstance(default, bool) else default})"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastdpo", description="fastdpo: fast, lean DPO training")
+    p.add_argument("--version", action="version", version=f"fastdpo {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a causal LM with DPO (no arguments: the built-in demo run)",
+                       description="Train a causal LM with DPO. Without arguments: the built-in demo run.")
+    t.add_argument("--config", help="YAML file of options (keys as below, with underscores or dashes); flags "
+                                    "override it")
+    for name, f in FIELDS.items():
+        kind, _ = kind_of(name)
+        text = f.metadata["help"] + _default_text(name)
+        if kind is bool:
+            t.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:       # raw strings: config.coerce checks flags and YAML values alike
+            t.add_argument(flag(name), default=None, metavar=name.upper(), help=text)
+    return p
+
+
+def _yaml_options(path: str) -> dict:
+    import yaml
+    try:
+        with open(path) as fh:
+            options = yaml.safe_load(fh)
+    except OSError as e:
+        raise ConfigError(f"--config {path!r}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"--config {path!r}: not valid YAML{at} ({getattr(e, 'problem', None) or e})") from None
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"--config {path!r}: expected a mapping of option: value, got {type(options).__name__}")
+    out = {}
+    for key, value in options.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(f"--config {path!r}: unknown option {key!r} (see fastdpo train --help)")
+        out[name] = value
+    return out
+
+
+def config_from_args(argv):
+    """(TrainConfig, the names the user set) from the command line."""
+    args = vars(_parser().parse_args(argv))
+    args.pop("command")
+    path = args.pop("config")
+    options = _yaml_options(path) if path else {}
+    options.update({k: v for k, v in args.items() if v is not None})
+    return build(options, set(options)), set(options)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+_default_format = warnings.formatwarning
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """fastdpo's own warnings as one line each (no source excerpt); other libraries' as Python shows them."""
+    if os.path.abspath(filename).startswith(_PACKAGE + os.sep):
+        return f"fastdpo train: warning: {message}\n"
+    return _default_format(message, category, filename, lineno, line)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _warning_line          # data warnings as one line each, not a source excerpt
+    from .trainer import Interrupted, train
+    try:
+        cfg, _ = config_from_args(argv)
+        summary = train(cfg)
+    except Interrupted as e:
+        print(f"fastdpo train: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("fastdpo train: interrupted at once; nothing saved since the last checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError) as e:      # ConfigError, data and model errors: one line
+        if os.environ.get("FASTDPO_DEBUG") == "1":
+            raise
+        print(f"fastdpo train: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    if os.environ.get("RANK", "0") != "0":       # under torchrun, rank 0 reports
+        return 0
+    b, a = summary["before"], summary["after"]
+    print(f"\n{summary['train_examples']} train / {summary['eval_examples']} eval pairs")
+    if b:
+        print(f"eval reward accuracy {b['eval/accuracy']:.3f} -> {a['eval/accuracy']:.3f}; "
+              f"margin {b['eval/margin']:.3f} -> {a['eval/margin']:.3f}")
+    print(f"run directory: {cfg.output_dir} (metrics.jsonl, {summary['plot']}, model/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Every option of ``fastdpo train``: one dataclass with its defaults, help text and rules, and the one typed
+parser that flags and YAML both go through.
+
+Each bad value fails here, before anything heavy runs, with one line naming the option and what it accepts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A bad option: the message names it and says what is allowed."""
+
+
+def opt(default, help: str, *, choices=None, at_least=None, above=None, below=None):
+    """A field with its help text and rules: ``at_least`` (inclusive), ``above``/``below`` (exclusive)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, at_least=at_least, above=above,
+                                                below=below))
+
+
+# Defaults that depend on what is trained: the demo's own settings, or TRL's DPOConfig defaults with --model.
+DEMO_DEFAULTS = dict(lr=1e-3, max_length=96)
+MODEL_DEFAULTS = dict(lr=1e-6, max_length=1024)
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: Optional[str] = opt(None, "Hugging Face causal LM (hub name or local directory); default: a small "
+                                     "Llama built from a config, randomly initialized with --seed")
+    dataset: Optional[str] = opt(None, "preference data: a local .jsonl/.json (optionally .gz), .parquet or .csv "
+                                       "file, a saved dataset directory, or a Hugging Face dataset name, in TRL's "
+                                       "formats; default: the bundled customer-support pairs")
+    eval_fraction: float = opt(0.1, "held-out share when the data has no eval split", above=0.0, below=1.0)
+    torch_dtype: str = opt("auto", "compute dtype (autocast); weights and optimizer state stay float32. auto: "
+                                   "bfloat16 on CUDA, float32 elsewhere", choices=DTYPES)
+    attn_implementation: Optional[str] = opt(None, "attention implementation (e.g. sdpa, eager)")
+    max_length: Optional[int] = opt(None, "prompt + completion tokens; longer completions are truncated, examples "
+                                          "whose prompt alone is this long are dropped (default: 96 for the demo, "
+                                          "1024 with --model)", at_least=2)
+    # DPO
+    beta: float = opt(0.1, "DPO beta", above=0.0)
+    loss_type: str = opt("sigmoid", "any fastdpo.loss loss type (TRL's names, or simpo)")
+    # optimization
+    steps: int = opt(200, "optimizer steps", at_least=1)
+    batch_size: int = opt(16, "preference pairs per micro-batch (all processes together)", at_least=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", at_least=1)
+    lr: Optional[float] = opt(None, "peak learning rate, AdamW (default: 1e-3 for the demo, 1e-6 with --model)",
+                              above=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", at_least=0.0)
+    warmup_steps: int = opt(20, "linear warm-up steps", at_least=0)
+    schedule: str = opt("cosine", "after the warm-up: cosine or linear decay to 0, or constant", choices=SCHEDULES)
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 turns it off)", at_least=0.0)
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward (saves memory)")
+    disable_dropout: bool = opt(True, "turn the model's dropout off, as TRL does by default (the reference pass "
+                                      "and the training pass then compute the same function)")
+    fsdp: bool = opt(False, "under torchrun: shard parameters, gradients and optimizer state across the processes "
+                            "(FSDP2, one unit per decoder layer) instead of replicating the model (one process: "
+                            "nothing to shard, a warning)")
+    seed: int = opt(0, "seed of the model init, data order and everything random", at_least=0)
+    lora_r: int = opt(0, "LoRA rank (0: train all weights); the reference is the initial policy", at_least=0)
+    lora_alpha: float = opt(16.0, "LoRA alpha", above=0.0)
+    lora_dropout: float = opt(0.0, "LoRA dropout", at_least=0.0, below=1.0)
+    lora_target_modules: str = opt("all-linear", "LoRA targets: all-linear or comma-separated module names")
+    # bookkeeping
+    output_dir: str = opt("runs/fastdpo", "run directory: metrics.jsonl, plot, config, checkpoints, final model")
+    overwrite: bool = opt(False, "replace the run already in --output-dir (without it, an existing run needs "
+                                 "--resume)")
+    eval_every: int = opt(50, "evaluate every N steps (0: only before and after)", at_least=0)
+    save_every: int = opt(100, "checkpoint every N steps (0: only at the end or when interrupted)", at_least=0)
+    resume: bool = opt(False, "continue the run in --output-dir from its last checkpoint (same config; --steps "
+                              "may be raised)")
+    cache_dir: Optional[str] = opt(None, "reference log-prob and tokenizer cache (default: ~/.cache/fastdpo)")
+    progress: bool = opt(True, "progress bars")
+    tensorboard: bool = opt(False, "also log to TensorBoard (output_dir/tensorboard)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # the options that change what is computed: a resumed run must match them (steps may grow)
+    RESUME_KEYS = ("model", "dataset", "eval_fraction", "torch_dtype", "attn_implementation", "max_length", "beta",
+                   "loss_type", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule",
+                   "max_grad_norm", "disable_dropout", "seed", "lora_r", "lora_alpha", "lora_dropout",
+                   "lora_target_modules")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+HINTS = typing.get_type_hints(TrainConfig)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def kind_of(name: str):
+    """(base type, optional?) of a field: int, float, str or bool."""
+    hint = HINTS[name]
+    if typing.get_origin(hint) is typing.Union:
+        return [a for a in typing.get_args(hint) if a is not type(None)][0], True
+    return hint, False
+
+
+def _rule(meta) -> str:
+    parts = []
+    if meta["at_least"] is not None:
+        parts.append(f">= {meta['at_least']:g}")
+    if meta["above"] is not None:
+        parts.append(f"> {meta['above']:g}")
+    if meta["below"] is not None:
+        parts.append(f"< {meta['below']:g}")
+    return " and ".join(parts)
+
+
+def coerce(name: str, value):
+    """``value`` (from a flag: a string; from YAML: whatever YAML made of it) as the field's type, checked against
+    its rules. Raises ConfigError naming the option."""
+    kind, optional = kind_of(name)
+    meta = FIELDS[name].metadata
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{flag(name)} needs a value")
+    noun = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
+    rule = _rule(meta)
+    want = f"{noun} {rule}".strip() if not meta["choices"] else f"one of {', '.join(meta['choices'])}"
+
+    raw = value
+
+    def bad():
+        return ConfigError(f"{flag(name)} must be {want}, got {raw!r}")
+
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if kind is int:
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise bad() from None
+        elif not isinstance(value, int) or isinstance(value, bool):
+            raise bad()
+    elif kind is float:
+        if isinstance(value, str):      # flags, and YAML's "1e-4" (YAML 1.1 reads it as a string)
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise bad() from None
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        value = float(value)
+        if not math.isfinite(value):
+            raise bad()
+    elif not isinstance(value, str) or not value.strip():
+        raise bad()
+    if meta["choices"] and value not in meta["choices"]:
+        raise bad()
+    if ((meta["at_least"] is not None and value < meta["at_least"])
+            or (meta["above"] is not None and value <= meta["above"])
+            or (meta["below"] is not None and value >= meta["below"])):
+        raise bad()
+    return value
+
+
+def build(options: dict, given: set) -> TrainConfig:
+    """A checked TrainConfig from raw option values (flags and YAML merged); ``given`` names what the user set.
+    Cross-option rules and the defaults that depend on --model are applied here."""
+    values = {name: coerce(name, value) for name, value in options.items()}
+    cfg = TrainConfig(**values)
+    for name, value in (MODEL_DEFAULTS if cfg.model else DEMO_DEFAULTS).items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
+    lora_only = sorted(n for n in ("lora_alpha", "lora_dropout", "lora_target_modules") if n in given)
+    if lora_only and cfg.lora_r == 0:
+        raise ConfigError(f"{', '.join(map(flag, lora_only))} only apply with --lora-r > 0")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: continue the run or replace it")
+    if cfg.attn_implementation is not None and cfg.model is None and cfg.attn_implementation not in ("eager", "sdpa"):
+        raise ConfigError(f"--attn-implementation {cfg.attn_implementation!r}: the demo model runs eager or sdpa")
+    from ..loss import LOSS_DEFAULTS, make_params
+    try:
+        make_params(cfg.loss_type, None, cfg.beta, LOSS_DEFAULTS["label_smoothing"],
+                    LOSS_DEFAULTS["f_divergence_type"], LOSS_DEFAULTS["f_alpha_divergence_coef"],
+                    LOSS_DEFAULTS["gamma"], LOSS_DEFAULTS["discopop_tau"])
+    except ValueError as e:
+        raise ConfigError(f"--loss-type {cfg.loss_type!r}: {e}") from None
+    cfg.model, cfg.dataset = resolve_path(cfg.model), resolve_path(cfg.dataset)
+    cfg.output_dir = os.path.abspath(os.path.expanduser(cfg.output_dir))
+    if cfg.cache_dir is not None:
+        cfg.cache_dir = os.path.abspath(os.path.expanduser(cfg.cache_dir))
+    return cfg
+
+
+def resolve_path(value: Optional[str]) -> Optional[str]:
+    """Local paths as absolute, normalized paths (so ./m, m and /abs/m are one run's config); hub names as given."""
+    if value is None:
+        return None
+    expanded = os.path.expanduser(value)
+    if os.path.exists(expanded) or os.path.isabs(expanded) or value.startswith((".", "~")):
+        return os.path.abspath(expanded)
+    return value

@@ -1,0 +1,528 @@
+"""A thin DPO trainer: load -> cache reference log-probs -> loop (forward, fused loss, step, log) -> save.
+
+The reference is the initial policy: its log-probs are computed once, cached on disk and reused, so training holds
+one model. They are computed by the training pass's own function (``fastdpo.model_dpo_loss``) on the training
+pass's own micro-batches (the first epoch's), so with policy == reference the first step's margins are exactly 0.
+The loss runs inside one forward (``ref_cache.Policy``) that FSDP can shard. Weights and optimizer state are float32;
+``--torch-dtype`` sets the compute dtype (autocast).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from .. import __version__
+from ..loss import dpo_loss
+from ..models import model_dpo_loss, model_sequence_logps, output_head
+from . import prefs, ref_cache
+from .config import TrainConfig
+from .dist import Dist
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM: the message says where the run stopped and what was saved."""
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+def load_model(cfg: TrainConfig, train_pairs):
+    """(tokenizer, model in float32): --model from the hub or a directory, else a small seeded Llama + a tokenizer
+    trained on the data."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    if cfg.model is None:
+        from .tokenizer import trained_tokenizer
+        tokenizer = trained_tokenizer(train_pairs, vocab_size=1024, cache_dir=cache_dir(cfg))
+        torch.manual_seed(cfg.seed)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+        if cfg.attn_implementation:
+            config._attn_implementation = cfg.attn_implementation
+        return tokenizer, AutoModelForCausalLM.from_config(config)
+    if os.path.exists(cfg.model) and not os.path.isdir(cfg.model):
+        raise ValueError(f"--model {cfg.model!r} is a file; give the model's directory or a hub name")
+    if os.path.isabs(cfg.model) and not os.path.isdir(cfg.model):
+        raise ValueError(f"--model {cfg.model!r}: no such directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
+                                                     attn_implementation=cfg.attn_implementation)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {cfg.model!r}: cannot load it ({str(e).strip().splitlines()[0]})") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"--model {cfg.model!r}: the tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model
+
+
+def disable_dropout(model) -> None:
+    """Dropout off everywhere, as TRL's ``disable_dropout``: nn.Dropout modules and the float dropout rates that
+    attention modules pass to their kernels."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
+def with_lora(model, cfg: TrainConfig):
+    """Wrap in LoRA adapters (peft) when --lora-r > 0. Their B starts at zero, so the initial policy (the
+    reference) is the base model."""
+    if cfg.lora_r <= 0:
+        return model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ValueError("--lora-r needs the peft package (pip install peft)") from None
+    targets = cfg.lora_target_modules
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                      target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        raise ValueError(f"--lora-target-modules {targets!r}: {str(e).strip().splitlines()[0]}") from None
+
+
+def cache_dir(cfg: TrainConfig) -> str:
+    return cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "fastdpo")
+
+
+def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.torch_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.torch_dtype)
+
+
+# ------------------------------------------------------------------------------------------------ forward passes
+
+def pair_loss(policy, examples, idx, ref, pad_id, cfg: TrainConfig, device, return_logps=False):
+    """The DPO loss and metrics of examples[idx] (and the policy's log-probs [2b]): ``model_dpo_loss``."""
+    input_ids, mask, labels = (t.to(device) for t in prefs.collate([examples[i] for i in idx], pad_id))
+    ref_pairs = ref[idx].to(device=device, dtype=torch.float32)
+    return policy(model_dpo_loss, input_ids, labels, ref_pairs[:, 0], ref_pairs[:, 1], attention_mask=mask,
+                  beta=cfg.beta, loss_type=cfg.loss_type, return_logps=return_logps)
+
+
+@torch.no_grad()
+def train_reference(policy, examples, pad_id, cfg: TrainConfig, dist: Dist, amp, progress) -> torch.Tensor:
+    """[n, 2] reference log-probs of the training split, computed as the training pass computes them: the same
+    function on the same micro-batches (the first epoch's, each rank its shard)."""
+    from tqdm.auto import tqdm
+
+    n, bs = len(examples), cfg.batch_size
+    zeros = torch.zeros(n, 2, dtype=torch.float64)
+    index, rows = [], []
+    policy.eval()
+    for k in tqdm(range(-(-n // bs)), desc="reference log-probs", disable=not progress):
+        idx = dist.shard(batch_indices(k, n, bs, cfg.seed))
+        with amp():
+            _, _, logps = pair_loss(policy, examples, idx, zeros, pad_id, cfg, dist.device, return_logps=True)
+        index += idx
+        rows.append(torch.stack(logps.double().chunk(2), 1).cpu())
+    return dist.gather_rows(index, torch.cat(rows), n)
+
+
+@torch.no_grad()
+def eval_logps(policy, examples, pad_id, cfg: TrainConfig, device, amp) -> torch.Tensor:
+    """[n, 2] (chosen, rejected) log-probs of the policy on the eval split, in order (every rank all of them)."""
+    was_training = policy.training
+    policy.eval()
+    out = []
+    for s in range(0, len(examples), cfg.batch_size):
+        input_ids, mask, labels = (t.to(device) for t in prefs.collate(examples[s:s + cfg.batch_size], pad_id))
+        with amp():
+            logps = policy(model_sequence_logps, input_ids, labels, attention_mask=mask)
+        out.append(torch.stack(logps.double().chunk(2), 1).cpu())
+    policy.train(was_training)
+    return torch.cat(out)
+
+
+class PerStepReference:
+    """The reference recomputed at every step by a frozen copy of the initial policy, indexed like the cached
+    [n, 2] tensor: what the cache replaces (the tests and bench/trainer_memory.py compare against it)."""
+
+    def __init__(self, policy, examples, pad_id, cfg: TrainConfig, device, amp):
+        import copy
+        self.policy, self.examples, self.pad_id = copy.deepcopy(policy).eval(), examples, pad_id
+        self.cfg, self.device, self.amp, self.calls = cfg, device, amp, 0
+
+    def __getitem__(self, idx):
+        self.calls += 1
+        zeros = torch.zeros(len(self.examples), 2, dtype=torch.float64)
+        with torch.no_grad(), self.amp():
+            _, _, logps = pair_loss(self.policy, self.examples, idx, zeros, self.pad_id, self.cfg, self.device,
+                                    return_logps=True)
+        return torch.stack(logps.double().chunk(2), 1)
+
+
+def evaluate(policy, examples, ref, pad_id, cfg: TrainConfig, device, amp) -> dict:
+    """Reward accuracy and margin over the whole eval split (the reference's own pass, so at step 0 every margin
+    is exactly 0)."""
+    pairs = eval_logps(policy, examples, pad_id, cfg, device, amp)
+    _, m = dpo_loss(pairs[:, 0], pairs[:, 1], ref[:, 0], ref[:, 1], beta=cfg.beta)
+    return {"eval/accuracy": m["rewards/accuracies"].item(), "eval/margin": m["rewards/margins"].item()}
+
+
+def reference_logps(split: str, policy, examples, pad_id, digest, settings, cfg: TrainConfig, dist: Dist, amp):
+    """[n, 2] reference log-probs of a split ("train" or "eval") from the cache, or computed once (as the pass that
+    will compare against them computes the policy's) and cached."""
+    key = ref_cache.fingerprint(digest, examples, {**settings, "split": split})
+    # rank 0 reads the cache for everyone: ranks that disagreed (a node-local cache dir, a file another job is
+    # writing) would run different numbers of collective forwards and hang
+    cached = dist.from_main(ref_cache.load(cache_dir(cfg), key, len(examples)) if dist.main else None)
+    if cached is not None:
+        return cached
+    if split == "train":
+        logps = train_reference(policy, examples, pad_id, cfg, dist, amp, cfg.progress and dist.main)
+    else:
+        logps = eval_logps(policy, examples, pad_id, cfg, dist.device, amp)
+    if dist.main:
+        ref_cache.save(cache_dir(cfg), key, logps)
+    dist.barrier()
+    return logps
+
+
+# ------------------------------------------------------------------------------------------------ loop pieces
+
+def batch_indices(k: int, n: int, batch_size: int, seed: int) -> list:
+    """Micro-batch k of an endless stream of seeded per-epoch permutations: a pure function of k (exact resume)."""
+    out = []
+    pos = k * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        take = perm[offset:offset + batch_size - len(out)]
+        out += take
+        pos += len(take)
+    return out
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        done = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * done)) if cfg.schedule == "cosine" else max(0.0, 1 - done)
+    return f
+
+
+class StopSignals:
+    """SIGINT and SIGTERM. Before the loop: stop at once (nothing to save). In the loop: finish the step, write a
+    checkpoint, stop. A second signal stops at once."""
+
+    def __init__(self):
+        self.received = None
+        self.in_loop = False
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        if not self.in_loop:
+            raise Interrupted(f"{self.received} before training started; nothing to save")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():        # only there can handlers be set
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+# ------------------------------------------------------------------------------------------------ run directory
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "training.png", "checkpoint", "model", "tensorboard")
+
+
+def check_output_dir(cfg: TrainConfig, world: int) -> str:
+    """Every check on --output-dir that needs no data or model, before any of them is loaded; writes nothing
+    that stays."""
+    out = cfg.output_dir
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--output-dir {out!r} is a file")
+    parent = out
+    while not os.path.exists(parent):            # the directory is made later, once data and model have loaded
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--output-dir {out!r} is not writable ({parent!r} is a file)")
+    try:
+        probe = os.path.join(parent, f".write-test-{os.getpid()}")   # one per process (torchrun ranks)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--output-dir {out!r} is not writable ({e.strerror})") from None
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if cfg.resume:
+        state = os.path.join(out, "checkpoint", "state.pt")
+        if not os.path.exists(state):
+            raise ValueError(f"--resume: no checkpoint in {out!r}")
+        try:
+            with open(os.path.join(out, "config.json")) as f:
+                old = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            raise ValueError(f"--resume: {out!r} has no readable config.json") from None
+        diff = [k for k in TrainConfig.RESUME_KEYS if old.get(k) != getattr(cfg, k)]
+        if diff:
+            raise ValueError(f"--resume: {out!r} was written by a different config ({', '.join(diff)} differ: "
+                             + "; ".join(f"{k} {old.get(k)!r} then, {getattr(cfg, k)!r} now" for k in diff) + ")")
+        done = old.get("checkpoint_step")
+        if done is not None and done >= cfg.steps:
+            raise ValueError(f"--resume: the run in {out!r} is at step {done} already; raise --steps to continue")
+    elif held and not cfg.overwrite:
+        raise ValueError(f"--output-dir {out!r} already holds a run ({', '.join(held)}); pass --resume to continue "
+                         "it or --overwrite to replace it")
+    return out
+
+
+def start_run(cfg: TrainConfig, main: bool) -> None:
+    """Once data and model have loaded: an overwritten run's files go, the config is written."""
+    if not main:
+        return
+    out = cfg.output_dir
+    os.makedirs(out, exist_ok=True)
+    if cfg.overwrite:
+        for name in RUN_FILES:
+            path = os.path.join(out, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    write_config(cfg, None if not cfg.resume else _config_step(out))
+
+
+def _config_step(out):
+    with open(os.path.join(out, "config.json")) as f:
+        return json.load(f).get("checkpoint_step")
+
+
+def write_config(cfg: TrainConfig, checkpoint_step) -> None:
+    path = os.path.join(cfg.output_dir, "config.json")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({**cfg.to_dict(), "checkpoint_step": checkpoint_step, "fastdpo_version": __version__}, f, indent=2)
+    os.replace(tmp, path)
+
+
+# Checkpoints hold the full (unsharded) state on the CPU, keyed by parameter name, with or without FSDP.
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def save_checkpoint(cfg, model, optimizer, scheduler, scaler, step, main: bool) -> dict:
+    """Every rank calls it (under FSDP gathering the state is a collective); the main one writes it and gets the
+    model state back (for save_pretrained). Atomic: the last complete checkpoint survives an interrupt during the
+    next one."""
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=FULL_STATE)
+    if not main:
+        return {}
+    path = os.path.join(cfg.output_dir, "checkpoint")
+    os.makedirs(path, exist_ok=True)
+    state = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "step": step,
+             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}}
+    tmp = os.path.join(path, f"state.pt.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, os.path.join(path, "state.pt"))
+    write_config(cfg, step)
+    return model_state
+
+
+def load_checkpoint(out, model, optimizer, scheduler, scaler) -> int:
+    """Every rank reads the full state; under FSDP each keeps its shard."""
+    # mmap: ranks on one machine share the file's pages instead of each holding a copy of the full state
+    state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False, mmap=True)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=FULL_STATE)
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    return state["step"]
+
+
+def truncate_log(out, last_step: int):
+    """Keep the metrics up to last_step (a resumed run rewrites what came after its checkpoint)."""
+    path = os.path.join(out, "metrics.jsonl")
+    keep = []
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def log(out, record, board=None):
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if board is not None:
+        for key, value in record.items():
+            if key != "step":
+                board.add_scalar(key, value, record["step"])
+
+
+def tensorboard_writer(out, cfg: TrainConfig):
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter(os.path.join(out, "tensorboard"))
+
+
+def plot(out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, ekey, title in zip(axes, ["loss", "rewards/accuracies", "rewards/margins"],
+                                    [None, "eval/accuracy", "eval/margin"], ["loss", "reward accuracy", "margin"]):
+        ax.plot([r["step"] for r in train], [r[key] for r in train], label="train")
+        if ekey:
+            ax.plot([r["step"] for r in evals], [r[ekey] for r in evals], "o-", label="eval")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out, "training.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ the algorithm
+
+def train(cfg: TrainConfig) -> dict:
+    from tqdm.auto import tqdm
+
+    with StopSignals() as stop:
+        dist = Dist(cfg.fsdp)
+        out = check_output_dir(cfg, dist.world)
+        device = dist.device
+        dtype = compute_dtype(cfg, device)
+        if dtype == torch.float16 and dist.fsdp:
+            raise ValueError("--torch-dtype float16 with --fsdp is not supported (loss scaling of sharded "
+                             "gradients); use bfloat16")
+        def amp():
+            return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+        # 1. load
+        train_pairs, eval_pairs = prefs.load_pairs(cfg.dataset, cfg.eval_fraction, cfg.seed)
+        tokenizer, model = load_model(cfg, train_pairs)
+        output_head(model)                          # a family whose head cannot be fused fails here, not later
+        if cfg.disable_dropout:
+            disable_dropout(model)
+        model = with_lora(model, cfg)
+        train_ex = prefs.tokenize(train_pairs, tokenizer, cfg.max_length, "train")
+        eval_ex = prefs.tokenize(eval_pairs, tokenizer, cfg.max_length, "eval")
+        pad = tokenizer.pad_token_id
+        start_run(cfg, dist.main)
+        digest = dist.from_main(ref_cache.model_digest(model) if dist.main else None)
+        policy = dist.wrap(ref_cache.Policy(model))    # on the device; with --fsdp sharded across the ranks
+
+        # 2. reference log-probs, once: the initial policy is the reference; no second model is kept
+        import transformers
+        settings = dict(fastdpo=__version__, torch=torch.__version__, transformers=transformers.__version__,
+                        device=device.type, dtype=str(dtype), world=dist.world, fsdp=dist.fsdp,
+                        attn=getattr(model.config, "_attn_implementation", None), pad=pad,
+                        batch_size=cfg.batch_size)
+        ref_train = reference_logps("train", policy, train_ex, pad, digest,
+                                    {**settings, "seed": cfg.seed, "loss_type": cfg.loss_type}, cfg, dist, amp)
+        ref_eval = reference_logps("eval", policy, eval_ex, pad, digest, settings, cfg, dist, amp)
+
+        # 3. loop
+        if cfg.gradient_checkpointing:       # transformers >= 5.2x names it activation checkpointing
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        policy.train()
+        params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        board = tensorboard_writer(out, cfg) if dist.main else None
+        start = load_checkpoint(out, model, optimizer, scheduler, scaler) if cfg.resume else 0
+        if dist.main:
+            truncate_log(out, start if cfg.resume else -1)
+        before = evaluate(policy, eval_ex, ref_eval, pad, cfg, device, amp) if start == 0 else None
+        if before and dist.main:
+            log(out, {"step": 0, **before})
+        stop.in_loop = True
+        bar = tqdm(range(start, cfg.steps), desc="training", disable=not (cfg.progress and dist.main), initial=start,
+                   total=cfg.steps)
+        for step in bar:
+            totals = {}
+            for micro in range(cfg.grad_accum):
+                idx = batch_indices(step * cfg.grad_accum + micro, len(train_ex), cfg.batch_size, cfg.seed)
+                with amp():
+                    loss, metrics = pair_loss(policy, train_ex, dist.shard(idx), ref_train, pad, cfg, device)
+                scaler.scale(loss / cfg.grad_accum).backward()
+                for k, v in {"loss": loss, **metrics}.items():
+                    totals[k] = totals.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+            dist.average_grads(params)
+            scaler.unscale_(optimizer)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            record = {"step": step + 1, "lr": scheduler.get_last_lr()[0],
+                      **{k: dist.mean_(v).item() for k, v in totals.items()}}
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                record.update(evaluate(policy, eval_ex, ref_eval, pad, cfg, device, amp))
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
+            if dist.main:
+                log(out, record, board)
+            if dist.any(stop.received is not None):
+                save_checkpoint(cfg, model, optimizer, scheduler, scaler, step + 1, dist.main)
+                bar.close()
+                raise Interrupted(f"{stop.received or 'a signal to another process'} at step {step + 1}: "
+                                  f"checkpoint written to {os.path.join(out, 'checkpoint')}; continue with --resume")
+            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                save_checkpoint(cfg, model, optimizer, scheduler, scaler, step + 1, dist.main)
+
+        # 4. save
+        after = evaluate(policy, eval_ex, ref_eval, pad, cfg, device, amp)
+        summary = {"before": before, "after": after, "train_examples": len(train_ex), "eval_examples": len(eval_ex)}
+        model_state = save_checkpoint(cfg, model, optimizer, scheduler, scaler, cfg.steps, dist.main)
+        if dist.main:
+            log(out, {"step": cfg.steps, **after}, board)
+            if board is not None:
+                board.close()
+            final = os.path.join(out, "model")
+            model.save_pretrained(final, state_dict=model_state)
+            tokenizer.save_pretrained(final)
+            summary.update(plot=plot(out), model=final)
+            with open(os.path.join(out, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        dist.barrier()
+        return summary
