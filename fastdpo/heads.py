@@ -1,9 +1,11 @@
 """What each Hugging Face causal-LM family's forward does around its output head: the one place that knows.
 
 Each entry was read off the family's ``forward`` in transformers (``logits = self.lm_head(hidden_states)`` and the
-lines after it) and is tested against the plain path (``tests/test_models.py``). A family's forward may scale the
-logits, divide them, or softcap them; the values come from the attributes that forward reads, at call time.
-A class that is not in the table (another family, remote code) raises: its forward may do something else.
+lines around it) and checked once on a tiny random model of that class; ``tests/test_models.py`` keeps testing
+the families with a head of their own and a sample of the plain ones against the plain path. A family's forward
+may scale the logits, divide them, or softcap them; the values come from the attributes that forward reads, at
+call time. A class that is not in the table (another family, remote code) raises: its forward may do something
+else.
 """
 from __future__ import annotations
 
@@ -41,25 +43,101 @@ def _get(obj, path: str):
 
 
 PLAIN = HeadRule()
-SOFTCAP = HeadRule(softcap="config.final_logit_softcapping")
+SOFTCAP = HeadRule(softcap="config.final_logit_softcapping")      # skipped when the config holds None
+DIVIDE_SCALING = HeadRule(divide=("config.logits_scaling",))       # MiniCPM3 divides h before the head: the same
+COHERE = HeadRule(multiply=("logit_scale",))                       # copied from config.logit_scale at __init__
 
-# causal-LM class name -> rule. Plain: logits = lm_head(self.<backbone>(...).last_hidden_state).
+# logits = lm_head(self.model(...).last_hidden_state), nothing else (transformers 5.24; a final .float() or a
+# multimodal wrapper's text-only path included)
+PLAIN_CLASSES = (
+    "AXK1ForCausalLM", "AXK2ForCausalLM", "AfmoeForCausalLM", "Apertus1p5TextForCausalLM", "ApertusForCausalLM",
+    "ArceeForCausalLM", "AriaTextForCausalLM", "BailingHybridForCausalLM", "BambaForCausalLM", "BitNetForCausalLM",
+    "BltForCausalLM", "CwmForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV32ForCausalLM", "DeepseekV3ForCausalLM",
+    "DeepseekV4ForCausalLM", "DiffLlamaForCausalLM", "DogeForCausalLM", "Dots1ForCausalLM", "Dots3NoteForCausalLM",
+    "Emu3ForCausalLM", "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM", "Exaone4ForCausalLM", "ExaoneMoeForCausalLM",
+    "FlexOlmoForCausalLM", "FlintForCausalLM", "FuyuForCausalLM", "Gemma3ForConditionalGeneration",
+    "GemmaForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM", "GlmForCausalLM",
+    "GlmMoeDsaForCausalLM", "GotOcr2ForConditionalGeneration", "GptOssForCausalLM", "HYV3ForCausalLM",
+    "HeliumForCausalLM", "HrmTextForCausalLM", "HunYuanDenseV1ForCausalLM", "HunYuanMoEV1ForCausalLM",
+    "Jais2ForCausalLM", "JambaForCausalLM", "JetMoeForCausalLM", "KimiLinearForCausalLM", "Kolibri1ForCausalLM",
+    "LagunaForCausalLM", "LaraMiniForCausalLM", "Lfm2ForCausalLM", "Lfm2MoeForCausalLM", "Lfm3ForCausalLM",
+    "Llama4ForCausalLM", "LlamaForCausalLM", "LongcatFlashForCausalLM", "MellumForCausalLM", "MiMoV2FlashForCausalLM",
+    "MiniMaxForCausalLM", "MiniMaxM2ForCausalLM", "MiniMaxM3VLForCausalLM", "Ministral3ForCausalLM",
+    "MinistralForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "MllamaForCausalLM", "MoshiForCausalLM",
+    "MossTranscribeDiarizeForConditionalGeneration", "NemotronForCausalLM", "NemotronHForCausalLM",
+    "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoForCausalLM", "OlmoHybridForCausalLM", "OlmoeForCausalLM",
+    "PersimmonForCausalLM", "Phi3ForCausalLM", "Phi4MultimodalForCausalLM", "PhiForCausalLM", "PhimoeForCausalLM",
+    "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM",
+    "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen4ExpForCausalLM", "SeedOssForCausalLM", "SmolLM3ForCausalLM",
+    "SolarOpenForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM", "XGLMForCausalLM", "YoutuForCausalLM",
+    "Zamba2ForCausalLM", "ZambaForCausalLM", "ZayaForCausalLM",
+)
+
+# causal-LM class name -> rule: every class of transformers' MODEL_FOR_CAUSAL_LM_MAPPING whose forward the fused
+# head reproduces. Each was checked on a tiny random model (transformers 5.24): model(ids).logits equal, bitwise,
+# to the rule applied to lm_head(backbone(ids)). Left out on purpose: heads with an MLP before the vocabulary
+# projection (BERT, RoBERTa, ELECTRA, ModernBERT-decoder, ...), several heads per step (MusicGen), logits from
+# another stream (ProphetNet), a learned per-token scale (Dory), a vocabulary slice or a cap applied in another
+# order (Inkling, xLSTM), and the Gemma4/Gemma3n multimodal wrappers and assistants.
 HEADS = {
-    "LlamaForCausalLM": PLAIN,
-    "MistralForCausalLM": PLAIN,
-    "MixtralForCausalLM": PLAIN,
-    "Qwen2ForCausalLM": PLAIN,
-    "Qwen3ForCausalLM": PLAIN,
-    "PhiForCausalLM": PLAIN,
-    "Phi3ForCausalLM": PLAIN,
-    "GemmaForCausalLM": PLAIN,
+    **{name: PLAIN for name in PLAIN_CLASSES},
+    "BartForCausalLM": HeadRule(backbone="model.decoder"),
+    "BigBirdPegasusForCausalLM": HeadRule(backbone="model.decoder"),
+    "BlenderbotForCausalLM": HeadRule(backbone="model.decoder"),
+    "BlenderbotSmallForCausalLM": HeadRule(backbone="model.decoder"),
+    "MBartForCausalLM": HeadRule(backbone="model.decoder"),
+    "MarianForCausalLM": HeadRule(backbone="model.decoder"),
+    "MvpForCausalLM": HeadRule(backbone="model.decoder"),
+    "OPTForCausalLM": HeadRule(backbone="model.decoder"),
+    "PLBartForCausalLM": HeadRule(backbone="model.decoder"),
+    "PegasusForCausalLM": HeadRule(backbone="model.decoder"),
+    "TrOCRForCausalLM": HeadRule(backbone="model.decoder"),
+    "WhisperForCausalLM": HeadRule(backbone="model.decoder"),
+    "BeamForCausalLM": SOFTCAP,
     "Gemma2ForCausalLM": SOFTCAP,
     "Gemma3ForCausalLM": SOFTCAP,
-    "CohereForCausalLM": HeadRule(multiply=("logit_scale",)),
-    "GraniteForCausalLM": HeadRule(divide=("config.logits_scaling",)),
-    "GraniteMoeForCausalLM": HeadRule(divide=("config.logits_scaling",)),
-    "FalconH1ForCausalLM": HeadRule(multiply=("model.lm_head_multiplier",)),
+    "Gemma3nForCausalLM": SOFTCAP,
+    "Gemma4ForCausalLM": SOFTCAP,
+    "Gemma4UnifiedForCausalLM": SOFTCAP,
+    "NanoChatForCausalLM": SOFTCAP,
+    "VaultGemmaForCausalLM": SOFTCAP,
+    "BertGenerationDecoder": HeadRule(backbone="bert"),
+    "BioGptForCausalLM": HeadRule(backbone="biogpt"),
+    "BloomForCausalLM": HeadRule(backbone="transformer"),
+    "CTRLLMHeadModel": HeadRule(backbone="transformer"),
+    "CodeGenForCausalLM": HeadRule(backbone="transformer"),
+    "DbrxForCausalLM": HeadRule(backbone="transformer"),
+    "FalconForCausalLM": HeadRule(backbone="transformer"),
     "GPT2LMHeadModel": HeadRule(backbone="transformer"),
+    "GPTBigCodeForCausalLM": HeadRule(backbone="transformer"),
+    "GPTJForCausalLM": HeadRule(backbone="transformer"),
+    "GPTNeoForCausalLM": HeadRule(backbone="transformer"),
+    "MptForCausalLM": HeadRule(backbone="transformer"),
+    "OpenAIGPTLMHeadModel": HeadRule(backbone="transformer"),
+    "XLMWithLMHeadModel": HeadRule(backbone="transformer"),
+    "XLNetLMHeadModel": HeadRule(backbone="transformer"),
+    "Cohere2ForCausalLM": COHERE,
+    "Cohere2MoeForCausalLM": COHERE,
+    "CohereForCausalLM": COHERE,
+    "CpmAntForCausalLM": HeadRule(backbone="cpmant"),
+    "FalconH1ForCausalLM": HeadRule(multiply=("model.lm_head_multiplier",)),
+    "FalconMambaForCausalLM": HeadRule(backbone="backbone"),
+    "Mamba2ForCausalLM": HeadRule(backbone="backbone"),
+    "MambaForCausalLM": HeadRule(backbone="backbone"),
+    "GPTNeoXForCausalLM": HeadRule(backbone="gpt_neox"),
+    "GPTNeoXJapaneseForCausalLM": HeadRule(backbone="gpt_neox_japanese"),
+    "GitForCausalLM": HeadRule(backbone="git"),
+    "GraniteForCausalLM": DIVIDE_SCALING,
+    "GraniteMoeForCausalLM": DIVIDE_SCALING,
+    "GraniteMoeHybridForCausalLM": DIVIDE_SCALING,
+    "GraniteMoeSWAForCausalLM": DIVIDE_SCALING,
+    "GraniteMoeSharedForCausalLM": DIVIDE_SCALING,
+    "GraniteSWAForCausalLM": DIVIDE_SCALING,
+    "MiniCPM3ForCausalLM": DIVIDE_SCALING,
+    "HyperCLOVAXForCausalLM": HeadRule(multiply=("config.logits_scaling",)),
+    "RecurrentGemmaForCausalLM": HeadRule(softcap="config.logits_soft_cap"),
+    "ReformerModelWithLMHead": HeadRule(backbone="reformer"),
+    "RwkvForCausalLM": HeadRule(backbone="rwkv"),
 }
 
 

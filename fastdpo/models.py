@@ -96,10 +96,15 @@ def backbone_hidden(model, input_ids, attention_mask=None, position_ids=None) ->
     """[B, L, D] last hidden states of the backbone the family's forward runs before its lm_head."""
     base = _base(model)
     backbone = head_rule(base).backbone_of(base)
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
-    if position_ids is not None:
-        kwargs["position_ids"] = position_ids
-    if "use_cache" in inspect.signature(backbone.forward).parameters:
+    accepts = inspect.signature(backbone.forward).parameters
+    kwargs = dict(input_ids=input_ids)
+    for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+        if value is None:
+            continue
+        if name not in accepts and not any(p.kind == p.VAR_KEYWORD for p in accepts.values()):
+            raise ValueError(f"{type(base).__name__}'s backbone takes no {name}")
+        kwargs[name] = value
+    if "use_cache" in accepts:
         kwargs["use_cache"] = False                 # no key/value cache: scoring, not generating
     out = backbone(**kwargs)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

@@ -23,14 +23,21 @@ FAMILIES = {
     "mistral-sliding-window": ("MistralConfig", dict(sliding_window=4)),
     "mixtral-moe": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
     "gpt2-tied": ("GPT2Config", dict(n_embd=D, n_layer=2, n_head=4, n_positions=64, vocab_size=V)),
+    "opt-decoder": ("OPTConfig", dict(ffn_dim=48, word_embed_proj_dim=D, dropout=0.0)),
+    "gpt-neox": ("GPTNeoXConfig", {}),
+    "falcon-h1-multiplier": ("FalconH1Config", dict(lm_head_multiplier=0.3, mamba_d_ssm=32, mamba_n_heads=4,
+                                                    mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8,
+                                                    mamba_chunk_size=8)),
+    "mamba": ("MambaConfig", dict(state_size=4)),
 }
+NO_COMMON = ("GPT2Config",)
 HEAD_GAIN = 8.0
 
 
 def tiny(family: str, seed: int = 0, vocab: int = None):
     cls, options = FAMILIES[family]
     config_cls = getattr(transformers, cls)
-    options = options if cls == "GPT2Config" else {**COMMON, **options}
+    options = options if cls in NO_COMMON else {**COMMON, **options}
     if vocab is not None:
         options = {**options, "vocab_size": vocab}
     torch.manual_seed(seed)

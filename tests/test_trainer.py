@@ -387,3 +387,41 @@ def test_trainer_first_step_gradients_equal_the_plain_paths(tmp_path, monkeypatc
     if head.bias is not None:
         assert (head.bias - start.bias).abs().max() > 1e-4           # the lm_head bias trains
     assert (head.weight - start.weight).abs().max() > 1e-4
+
+
+def test_a_config_change_alone_invalidates_the_reference_cache(tmp_path):
+    """Only config.json changes (rope_theta): the cached reference log-probs of the old config are not reused, so
+    step 1 is again policy == reference (loss ln 2, margins 0)."""
+    base = config(tmp_path, "base", steps=1, eval_every=0, save_every=0)
+    trainer.train(base)
+    model_dir = os.path.join(base.output_dir, "model")
+    kw = dict(model=model_dir, steps=1, eval_every=0, save_every=0, max_length=96, lr=1e-3)
+    trainer.train(config(tmp_path, "first", **kw))
+    files = set(os.listdir(tmp_path / "cache"))
+    path = os.path.join(model_dir, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["rope_theta"] = cfg.get("rope_theta", 10000.0) * 3 if "rope_theta" in cfg else 30000.0
+    cfg.setdefault("rope_parameters", {})["rope_theta"] = cfg["rope_theta"]
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    trainer.train(config(tmp_path, "second", **kw))
+    assert len(set(os.listdir(tmp_path / "cache")) - files) == 2          # train and eval recomputed
+    with open(os.path.join(tmp_path, "second", "metrics.jsonl")) as f:
+        step1 = [json.loads(line) for line in f][1]
+    assert step1["rewards/margins"] == 0.0 and step1["loss"] == pytest.approx(0.6931471805599453, rel=1e-6)
+
+
+def test_low_precision_compute_keeps_float32_master_weights(tmp_path):
+    """--torch-dtype bfloat16 at lr 1e-6: the weights stay float32, so the small updates land (in bf16 weights
+    almost all of them rounded away)."""
+    cfg = config(tmp_path, steps=2, eval_every=0, save_every=0, warmup_steps=0, torch_dtype="bfloat16", lr=1e-6)
+    trainer.train(cfg)
+    from transformers import AutoModelForCausalLM
+    trained = AutoModelForCausalLM.from_pretrained(os.path.join(cfg.output_dir, "model"))
+    state = torch.load(os.path.join(cfg.output_dir, "checkpoint", "state.pt"), weights_only=False)
+    assert all(t.dtype == torch.float32 for t in state["model"].values())
+    start = trainer.load_model(cfg, prefs.load_pairs(None, 0.1, 0)[0])[1]
+    # every lm_head entry gets a gradient (through the softmax): with bf16 weights most of the updates vanish
+    moved = (trained.lm_head.weight != start.lm_head.weight).float().mean().item()
+    assert moved > 0.99
