@@ -153,3 +153,21 @@ def head_rule(lm) -> HeadRule:
             "wrong log-probs. Known classes are listed in fastdpo.heads.HEADS; a family whose forward is "
             "`logits = lm_head(backbone(...))` (or scales/caps it) can be added there with a test.")
     return rule
+
+
+# Classes whose backbone the long-context layouts (fastdpo.layout) are tested with: attention layers only, rotary
+# positions from position_ids, masks taken as given (tests/test_layout.py).
+LAYOUT_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
+                  "Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
+                  "GraniteForCausalLM")
+
+
+def supports_layout(lm) -> bool:
+    return type(lm).__name__ in LAYOUT_CLASSES and type(lm).__module__.startswith("transformers.models.")
+
+
+def check_layout_support(lm) -> None:
+    if not supports_layout(lm):
+        raise ValueError(f"the shared-prompt and packed layouts are not verified for {type(lm).__name__} (its "
+                         "positions, masks or recurrent layers may not follow them); verified: "
+                         f"{', '.join(LAYOUT_CLASSES)}. Use the plain layout (--no-share-prompt --no-packing)")

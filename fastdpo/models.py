@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from .heads import head_rule
+from .heads import check_layout_support, head_rule
+from .layout import CacheBatch, PackedBatch, attention_masks
 from .logps import sequence_logps
 from .loss import linear_dpo_loss
 
@@ -132,12 +133,11 @@ def _fused_precision(device_type: str):
         yield
 
 
-def _head_inputs(model, input_ids, labels, attention_mask, position_ids):
-    """(hidden [B, L-1, D'], weight, fused-op options, labels [B, L-1]): labels shifted, autocast applied as
-    ``F.linear`` would apply it to the lm_head."""
-    _check_ids(input_ids, labels, attention_mask, position_ids)
+def _fused_inputs(model, hidden, labels):
+    """(hidden [B, T, D'], weight, fused-op options, labels) from the backbone's hidden states [B, T, D], with the
+    head's LoRA columns and autocast applied as ``F.linear`` would apply it to the lm_head."""
     head = output_head(model)
-    hidden = head.extend(backbone_hidden(model, input_ids, attention_mask, position_ids)[:, :-1])
+    hidden = head.extend(hidden)
     weight, options = head.weight, head.options()
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -145,7 +145,14 @@ def _head_inputs(model, input_ids, labels, attention_mask, position_ids):
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         if options["bias"] is not None:
             options["bias"] = options["bias"].to(dtype)
-    return hidden, weight, options, labels[:, 1:]
+    return hidden, weight, options, labels
+
+
+def _head_inputs(model, input_ids, labels, attention_mask, position_ids):
+    """The fused op's inputs for a plain batch: labels shifted (hidden[:, t] predicts labels[:, t + 1])."""
+    _check_ids(input_ids, labels, attention_mask, position_ids)
+    hidden = backbone_hidden(model, input_ids, attention_mask, position_ids)[:, :-1]
+    return _fused_inputs(model, hidden, labels[:, 1:])
 
 
 def model_sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, *,
@@ -173,4 +180,56 @@ def model_dpo_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
     hidden, weight, options, shifted = _head_inputs(model, input_ids, labels, attention_mask, position_ids)
     with _fused_precision(hidden.device.type):
         return linear_dpo_loss(hidden, weight, shifted, ref_chosen_logps, ref_rejected_logps, **options,
+                               **loss_options)
+
+
+# ------------------------------------------------------------------------------------------------ long-context layouts
+
+def _pair_inputs(model, batch):
+    """The fused op's inputs for a PackedBatch or CacheBatch: one backbone pass (two with the cache), the hidden
+    state predicting each target gathered into [2B, T, D] (chosen sequences first)."""
+    base = _base(model)
+    check_layout_support(base)
+    rule = head_rule(base)
+    backbone = rule.backbone_of(base)
+    if isinstance(batch, PackedBatch):
+        dtype = next(base.parameters()).dtype
+        if torch.is_autocast_enabled(batch.input_ids.device.type):
+            dtype = torch.get_autocast_dtype(batch.input_ids.device.type)
+        out = backbone(input_ids=batch.input_ids, attention_mask=attention_masks(batch, base.config, dtype),
+                       position_ids=batch.position_ids, use_cache=False)
+        flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+    elif isinstance(batch, CacheBatch):
+        if getattr(base, "is_gradient_checkpointing", False) and base.training:
+            raise ValueError("the prompt-cache layout needs the key/value cache, which gradient checkpointing turns "
+                             "off; use pack_pairs")
+        first = backbone(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+                         position_ids=batch.prompt_positions, use_cache=True)
+        cache = getattr(first, "cache", None) or first.past_key_values
+        cache.batch_repeat_interleave(2)            # rows chosen_0, rejected_0, chosen_1, ... as the replies
+        mask = torch.cat([batch.prompt_mask.repeat_interleave(2, 0), batch.reply_mask], 1)
+        name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+        second = backbone(input_ids=batch.reply_ids, attention_mask=mask, position_ids=batch.reply_positions,
+                          use_cache=True, **{name: cache})
+        D = first.last_hidden_state.shape[-1]
+        flat = torch.cat([first.last_hidden_state.reshape(-1, D), second.last_hidden_state.reshape(-1, D)])
+    else:
+        raise TypeError(f"batch must be a fastdpo.layout PackedBatch or CacheBatch, got {type(batch).__name__}")
+    return _fused_inputs(model, flat[batch.index], batch.labels)
+
+
+def model_pair_logps(model, batch, *, average: bool = False, backend: str = "auto") -> torch.Tensor:
+    """[2B] log-probs (the B chosen replies, then the B rejected ones) of pairs laid out by
+    ``fastdpo.layout.pack_pairs`` or ``prompt_cache_batch``: equal to ``model_sequence_logps`` on the plain padded
+    layout, with each prompt encoded once."""
+    hidden, weight, options, labels = _pair_inputs(model, batch)
+    with _fused_precision(hidden.device.type):
+        return sequence_logps(hidden, weight, labels, average=average, backend=backend, **options)
+
+
+def model_pair_dpo_loss(model, batch, ref_chosen_logps=None, ref_rejected_logps=None, **loss_options):
+    """``model_dpo_loss`` for pairs laid out by ``fastdpo.layout`` (see ``model_pair_logps``)."""
+    hidden, weight, options, labels = _pair_inputs(model, batch)
+    with _fused_precision(hidden.device.type):
+        return linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, **options,
                                **loss_options)

@@ -425,3 +425,41 @@ def test_low_precision_compute_keeps_float32_master_weights(tmp_path):
     # every lm_head entry gets a gradient (through the softmax): with bf16 weights most of the updates vanish
     moved = (trained.lm_head.weight != start.lm_head.weight).float().mean().item()
     assert moved > 0.99
+
+
+def test_shared_and_packed_layout_trains_as_the_plain_one(tmp_path):
+    """--share-prompt --packing (the default for Llama) and --no-share-prompt --no-packing: the same losses and
+    rewards, rounding apart (the backbone sees other row shapes)."""
+    runs = {}
+    for name, layout in (("plain", dict(share_prompt=False, packing=False)), ("shared", {}),
+                         ("cache", dict(packing=False, prompt_cache=True))):
+        cfg = config(tmp_path, name, steps=3, eval_every=0, save_every=0, **layout)
+        trainer.train(cfg)
+        with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
+            runs[name] = [json.loads(line) for line in f if '"loss"' in line]
+        with open(os.path.join(cfg.output_dir, "config.json")) as f:
+            saved = json.load(f)
+        assert (saved["share_prompt"], saved["packing"]) == ((False, False) if name == "plain" else
+                                                              (True, name == "shared")), name
+    for name in ("shared", "cache"):
+        assert runs[name][0]["rewards/margins"] == 0.0
+        for a, b in zip(runs[name], runs["plain"]):
+            for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (name, a["step"], key)
+
+
+def test_layout_flags_on_a_model_without_layout_support(tmp_path):
+    from families import tiny
+    from fastdpo.train.tokenizer import trained_tokenizer
+    train_pairs, _ = prefs.load_pairs(None, 0.1, 0)
+    tok = trained_tokenizer(train_pairs, 300, str(tmp_path / "tok"))
+    model_dir = str(tmp_path / "gpt2")
+    model = tiny("gpt2-tied", vocab=len(tok))
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    kw = dict(model=model_dir, steps=1, eval_every=0, save_every=0, max_length=64, lr=1e-3)
+    with pytest.raises(ValueError, match="--share-prompt: GPT2LMHeadModel is not among the classes verified"):
+        trainer.train(config(tmp_path, "forced", share_prompt=True, **kw))
+    cfg = config(tmp_path, "auto", **kw)
+    trainer.train(cfg)                                      # auto: the plain layout
+    assert (cfg.share_prompt, cfg.packing) == (False, False)

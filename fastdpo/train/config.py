@@ -45,6 +45,13 @@ class TrainConfig:
     max_length: Optional[int] = opt(None, "prompt + completion tokens; longer completions are truncated, examples "
                                           "whose prompt alone is this long are dropped (default: 96 for the demo, "
                                           "1024 with --model)", at_least=2)
+    share_prompt: Optional[bool] = opt(None, "one sequence per pair, [prompt, chosen, rejected]: the prompt is "
+                                             "encoded once (default: on where the model supports it)")
+    packing: Optional[bool] = opt(None, "several sequences per row, no padding inside a row (default: on where the "
+                                        "model supports it)")
+    prompt_cache: Optional[bool] = opt(None, "share the prompt through the key/value cache (prompt once, then both "
+                                             "replies as its continuations) instead of a custom attention mask; "
+                                             "needs --no-packing (default: off)")
     # DPO
     beta: float = opt(0.1, "DPO beta", above=0.0)
     loss_type: str = opt("sigmoid", "any fastdpo.loss loss type (TRL's names, or simpo)")
@@ -87,8 +94,8 @@ class TrainConfig:
     # the options that change what is computed: a resumed run must match them (steps may grow)
     RESUME_KEYS = ("model", "dataset", "eval_fraction", "torch_dtype", "attn_implementation", "max_length", "beta",
                    "loss_type", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule",
-                   "max_grad_norm", "disable_dropout", "seed", "lora_r", "lora_alpha", "lora_dropout",
-                   "lora_target_modules")
+                   "max_grad_norm", "disable_dropout", "share_prompt", "packing", "prompt_cache", "seed", "lora_r",
+                   "lora_alpha", "lora_dropout", "lora_target_modules")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -22,9 +22,12 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from .. import __version__
 from ..loss import dpo_loss
-from ..models import model_dpo_loss, model_sequence_logps, output_head
+from ..heads import supports_layout
+from ..layout import pack_pairs, prompt_cache_batch
+from ..models import model_dpo_loss, model_pair_dpo_loss, model_pair_logps, model_sequence_logps, output_head
 from . import prefs, ref_cache
 from .config import TrainConfig
+from .config import flag as flag_of
 from .dist import Dist
 
 
@@ -108,12 +111,51 @@ def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 # ------------------------------------------------------------------------------------------------ forward passes
 
+def layout_inputs(examples, idx, pad_id, cfg: TrainConfig, device):
+    """examples[idx] in the run's layout -> (model-level function, its batch arguments, positions computed)."""
+    batch = [examples[i] for i in idx]
+    if not (cfg.share_prompt or cfg.packing):
+        input_ids, mask, labels = (t.to(device) for t in prefs.collate(batch, pad_id))
+        return "plain", (input_ids, labels), dict(attention_mask=mask), input_ids.numel()
+    pairs = [(e.prompt, e.chosen, e.rejected) for e in batch]
+    if cfg.prompt_cache:
+        packed = prompt_cache_batch(pairs, pad_id)
+    else:
+        packed = pack_pairs(pairs, pad_id, share_prompt=cfg.share_prompt, packing=cfg.packing)
+    return "pairs", (packed.to(device),), {}, packed.tokens
+
+
 def pair_loss(policy, examples, idx, ref, pad_id, cfg: TrainConfig, device, return_logps=False):
-    """The DPO loss and metrics of examples[idx] (and the policy's log-probs [2b]): ``model_dpo_loss``."""
-    input_ids, mask, labels = (t.to(device) for t in prefs.collate([examples[i] for i in idx], pad_id))
+    """The DPO loss and metrics of examples[idx] (and the policy's log-probs [2b]): ``model_dpo_loss`` (or
+    ``model_pair_dpo_loss`` in the shared/packed layout)."""
+    kind, args, kwargs, _ = layout_inputs(examples, idx, pad_id, cfg, device)
     ref_pairs = ref[idx].to(device=device, dtype=torch.float32)
-    return policy(model_dpo_loss, input_ids, labels, ref_pairs[:, 0], ref_pairs[:, 1], attention_mask=mask,
-                  beta=cfg.beta, loss_type=cfg.loss_type, return_logps=return_logps)
+    fn = model_dpo_loss if kind == "plain" else model_pair_dpo_loss
+    return policy(fn, *args, ref_pairs[:, 0], ref_pairs[:, 1], **kwargs, beta=cfg.beta, loss_type=cfg.loss_type,
+                  return_logps=return_logps)
+
+
+def resolve_layout(cfg: TrainConfig, model) -> None:
+    """--share-prompt / --packing / --prompt-cache: auto -> on where the model supports the layout (and, for the
+    prompt cache, where it was measured faster: long prompts, no packing, no gradient checkpointing)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    supported = supports_layout(base)
+    impl = getattr(base.config, "_attn_implementation", None) or "eager"
+    reason = None if supported else f"{type(base).__name__} is not among the classes verified for it"
+    if reason is None and impl not in ("eager", "sdpa", "flex_attention"):
+        reason = f"its attention ({impl}) takes no custom mask"
+    for name in ("share_prompt", "packing"):
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, reason is None)
+        elif getattr(cfg, name) and reason is not None:
+            raise ValueError(f"{flag_of(name)}: {reason}; use --no-{name.replace('_', '-')}")
+    if cfg.prompt_cache and not cfg.share_prompt:
+        raise ValueError("--prompt-cache shares the prompt: it needs --share-prompt")
+    if cfg.prompt_cache and (cfg.packing or cfg.gradient_checkpointing):
+        raise ValueError("--prompt-cache needs --no-packing and no --gradient-checkpointing (the key/value cache "
+                         "is off under checkpointing)")
+    if cfg.prompt_cache is None:
+        cfg.prompt_cache = False
 
 
 @torch.no_grad()
@@ -142,9 +184,10 @@ def eval_logps(policy, examples, pad_id, cfg: TrainConfig, device, amp) -> torch
     policy.eval()
     out = []
     for s in range(0, len(examples), cfg.batch_size):
-        input_ids, mask, labels = (t.to(device) for t in prefs.collate(examples[s:s + cfg.batch_size], pad_id))
+        kind, args, kwargs, _ = layout_inputs(examples, range(s, min(s + cfg.batch_size, len(examples))), pad_id,
+                                              cfg, device)
         with amp():
-            logps = policy(model_sequence_logps, input_ids, labels, attention_mask=mask)
+            logps = policy(model_sequence_logps if kind == "plain" else model_pair_logps, *args, **kwargs)
         out.append(torch.stack(logps.double().chunk(2), 1).cpu())
     policy.train(was_training)
     return torch.cat(out)
@@ -282,10 +325,7 @@ def check_output_dir(cfg: TrainConfig, world: int) -> str:
                 old = json.load(f)
         except (OSError, json.JSONDecodeError):
             raise ValueError(f"--resume: {out!r} has no readable config.json") from None
-        diff = [k for k in TrainConfig.RESUME_KEYS if old.get(k) != getattr(cfg, k)]
-        if diff:
-            raise ValueError(f"--resume: {out!r} was written by a different config ({', '.join(diff)} differ: "
-                             + "; ".join(f"{k} {old.get(k)!r} then, {getattr(cfg, k)!r} now" for k in diff) + ")")
+        check_same_config(cfg, old, out)
         done = old.get("checkpoint_step")
         if done is not None and done >= cfg.steps:
             raise ValueError(f"--resume: the run in {out!r} is at step {done} already; raise --steps to continue")
@@ -295,11 +335,27 @@ def check_output_dir(cfg: TrainConfig, world: int) -> str:
     return out
 
 
+def check_same_config(cfg: TrainConfig, old: dict, out: str) -> None:
+    """--resume: the options that change what is computed must be the saved ones (those still on auto, such as
+    the layout before the model is loaded, are compared once resolved)."""
+    diff = [k for k in TrainConfig.RESUME_KEYS if getattr(cfg, k) is not None and old.get(k) != getattr(cfg, k)]
+    if diff:
+        raise ValueError(f"--resume: {out!r} was written by a different config ({', '.join(diff)} differ: "
+                         + "; ".join(f"{k} {old.get(k)!r} then, {getattr(cfg, k)!r} now" for k in diff) + ")")
+
+
 def start_run(cfg: TrainConfig, main: bool) -> None:
-    """Once data and model have loaded: an overwritten run's files go, the config is written."""
+    """Once data and model have loaded: a resumed run's config checked again (with the layout resolved), an
+    overwritten run's files removed, the config written."""
+    out = cfg.output_dir
+    step = None
+    if cfg.resume:                                 # every rank: they all stop, or none does
+        with open(os.path.join(out, "config.json")) as f:
+            old = json.load(f)
+        check_same_config(cfg, old, out)
+        step = old.get("checkpoint_step")
     if not main:
         return
-    out = cfg.output_dir
     os.makedirs(out, exist_ok=True)
     if cfg.overwrite:
         for name in RUN_FILES:
@@ -308,12 +364,7 @@ def start_run(cfg: TrainConfig, main: bool) -> None:
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-    write_config(cfg, None if not cfg.resume else _config_step(out))
-
-
-def _config_step(out):
-    with open(os.path.join(out, "config.json")) as f:
-        return json.load(f).get("checkpoint_step")
+    write_config(cfg, step)
 
 
 def write_config(cfg: TrainConfig, checkpoint_step) -> None:
@@ -440,6 +491,7 @@ def train(cfg: TrainConfig) -> dict:
         train_pairs, eval_pairs = prefs.load_pairs(cfg.dataset, cfg.eval_fraction, cfg.seed)
         tokenizer, model = load_model(cfg, train_pairs)
         output_head(model)                          # a family whose head cannot be fused fails here, not later
+        resolve_layout(cfg, model)
         if cfg.disable_dropout:
             disable_dropout(model)
         model = with_lora(model, cfg)
@@ -455,7 +507,8 @@ def train(cfg: TrainConfig) -> dict:
         settings = dict(fastdpo=__version__, torch=torch.__version__, transformers=transformers.__version__,
                         device=device.type, dtype=str(dtype), world=dist.world, fsdp=dist.fsdp,
                         attn=getattr(model.config, "_attn_implementation", None), pad=pad,
-                        batch_size=cfg.batch_size)
+                        batch_size=cfg.batch_size, share_prompt=cfg.share_prompt, packing=cfg.packing,
+                        prompt_cache=cfg.prompt_cache)
         ref_train = reference_logps("train", policy, train_ex, pad, digest,
                                     {**settings, "seed": cfg.seed, "loss_type": cfg.loss_type}, cfg, dist, amp)
         ref_eval = reference_logps("eval", policy, eval_ex, pad, digest, settings, cfg, dist, amp)

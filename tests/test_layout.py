@@ -1,0 +1,132 @@
+"""Long-context layouts (fastdpo.layout): the shared prompt, packing and the prompt cache give the plain padded
+layout's log-probs and every parameter's gradient (fp32), sliding windows and softcaps included."""
+import pytest
+import torch
+
+import fastdpo
+from fastdpo import heads
+from fastdpo.layout import CHOSEN, PROMPT, REJECTED, allowed, pack_pairs, prompt_cache_batch
+from fastdpo.train.prefs import Example, collate
+
+from conftest import GRAD_FLOOR, MODEL_RTOL
+from families import V, tiny
+
+LAYOUT_FAMILIES = ["llama", "qwen2-tied", "gemma2-softcap", "mistral-sliding-window", "qwen3", "gemma-scaled-embeddings",
+                   "gemma3-softcap", "phi3", "mixtral-moe", "granite-scaling"]
+LAYOUTS = {
+    "shared+packed": lambda pairs: pack_pairs(pairs, 0, max_tokens=40),
+    "shared": lambda pairs: pack_pairs(pairs, 0, packing=False),
+    "packed": lambda pairs: pack_pairs(pairs, 0, share_prompt=False, max_tokens=40),
+    "prompt-cache": lambda pairs: prompt_cache_batch(pairs, 0),
+}
+
+
+def make_pairs(seed=0, sizes=((7, 5, 3), (3, 6, 9), (12, 2, 4), (1, 3, 3))):
+    """Replies long enough that the tiny models' sliding window (4) cuts into the prompt."""
+    g = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randint(3, V, (n,), generator=g).tolist() for n in size) for size in sizes]
+
+
+def logps_and_grads(model, fn):
+    model.zero_grad(set_to_none=True)
+    logps = fn()
+    (torch.linspace(-1.0, 1.5, logps.shape[0]) * logps).sum().backward()
+    return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(a, b, what):
+    (la, ga), (lb, gb) = a, b
+    assert (la - lb).abs().max() <= MODEL_RTOL * lb.abs().max(), f"{what}: log-probs {la} vs {lb}"
+    assert ga.keys() == gb.keys(), what
+    floor = GRAD_FLOOR * max(g.abs().max().item() for g in gb.values())
+    for n in gb:
+        err, scale = (ga[n] - gb[n]).abs().max().item(), max(gb[n].abs().max().item(), floor)
+        assert err <= MODEL_RTOL * scale, f"{what} d/d {n}: {err:.3e} > {MODEL_RTOL} * {scale:.3e}"
+
+
+@pytest.mark.parametrize("family", LAYOUT_FAMILIES)
+def test_layouts_equal_the_plain_padded_layout(family):
+    model = tiny(family)
+    pairs = make_pairs()
+    ids, mask, labels = collate([Example(*p) for p in pairs], 0)
+    plain = logps_and_grads(model, lambda: fastdpo.model_sequence_logps(model, ids, labels, attention_mask=mask))
+    for name, build in LAYOUTS.items():
+        batch = build(pairs)
+        assert_same(logps_and_grads(model, lambda: fastdpo.model_pair_logps(model, batch)), plain, f"{family} {name}")
+
+
+def test_eager_attention_takes_an_additive_mask():
+    model = tiny("mistral-sliding-window")
+    model.config._attn_implementation = "eager"
+    pairs = make_pairs()
+    ids, mask, labels = collate([Example(*p) for p in pairs], 0)
+    plain = logps_and_grads(model, lambda: fastdpo.model_sequence_logps(model, ids, labels, attention_mask=mask))
+    batch = pack_pairs(pairs, 0, max_tokens=40)
+    assert_same(logps_and_grads(model, lambda: fastdpo.model_pair_logps(model, batch)), plain, "eager")
+
+
+def test_flex_attention_block_mask_forward():
+    """FlexAttention has no backward on the CPU: the block mask is checked in the forward."""
+    model = tiny("llama")
+    pairs = make_pairs()
+    ids, mask, labels = collate([Example(*p) for p in pairs], 0)
+    with torch.no_grad():
+        plain = fastdpo.model_sequence_logps(model, ids, labels, attention_mask=mask)
+        model.config._attn_implementation = "flex_attention"
+        try:
+            shared = fastdpo.model_pair_logps(model, pack_pairs(pairs, 0, max_tokens=40))
+        except Exception as e:         # an older torch without CPU flex attention
+            pytest.skip(f"flex_attention unavailable on this CPU build: {type(e).__name__}: {e}")
+    assert (shared - plain).abs().max() <= MODEL_RTOL * plain.abs().max()
+
+
+def test_dpo_loss_in_the_layout_equals_the_plain_one():
+    model = tiny("gemma2-softcap")
+    pairs = make_pairs()
+    ids, mask, labels = collate([Example(*p) for p in pairs], 0)
+    ref = torch.zeros(len(pairs))
+    a, ma = fastdpo.model_dpo_loss(model, ids, labels, ref, ref - 1, attention_mask=mask, beta=0.3)
+    b, mb = fastdpo.model_pair_dpo_loss(model, pack_pairs(pairs, 0), ref, ref - 1, beta=0.3)
+    assert abs(a.item() - b.item()) <= MODEL_RTOL * abs(a.item())
+    assert mb["rewards/accuracies"] == ma["rewards/accuracies"]
+
+
+def test_rejected_tokens_never_see_chosen_tokens_and_positions_continue_from_the_prompt():
+    batch = pack_pairs([([5, 6, 7], [8, 9], [10, 11, 12])], 0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]
+    assert batch.part.tolist() == [[PROMPT] * 3 + [CHOSEN] * 2 + [REJECTED] * 3]
+    ok = allowed(batch)[0, 0]
+    assert not ok[5:, 3:5].any() and ok[5:, :3].all() and ok[7, 5:8].all()
+    # chosen 8, 9 predicted from positions 2, 3; rejected 10 from the prompt's last (2), 11, 12 from 5, 6
+    assert batch.index.tolist() == [[2, 3, 0], [2, 5, 6]]
+    assert batch.labels.tolist() == [[8, 9, -100], [10, 11, 12]]
+    assert allowed(batch, window=2)[0, 0, 7].tolist() == [False] * 5 + [False, True, True]
+
+
+def test_packing_fills_rows_and_never_lets_sequences_see_each_other():
+    pairs = make_pairs(sizes=((2, 2, 2), (2, 1, 1), (3, 2, 2), (1, 1, 1)))
+    batch = pack_pairs(pairs, 0, max_tokens=10)
+    assert batch.input_ids.shape == (2, 10)                   # 6 + 4 in one row, 7 + 3 in the other
+    ok = allowed(batch)
+    seq = batch.sequence
+    cross = (seq[:, :, None] != seq[:, None, :]) & (seq[:, None, :] >= 0)
+    assert not (ok[:, 0] & cross).any()
+    with pytest.raises(ValueError, match="max_tokens=5 is shorter than a sequence of the batch"):
+        pack_pairs(pairs, 0, max_tokens=5)
+    with pytest.raises(ValueError, match=r"pairs\[1\] has an empty chosen or rejected reply"):
+        pack_pairs([pairs[0], ([1], [], [2])], 0)
+
+
+def test_models_the_layouts_are_not_verified_for_raise():
+    model = tiny("gpt2-tied")
+    with pytest.raises(ValueError, match="not verified for GPT2LMHeadModel"):
+        fastdpo.model_pair_logps(model, pack_pairs(make_pairs(), 0))
+    assert "LlamaForCausalLM" in heads.LAYOUT_CLASSES
+
+
+def test_models_with_recurrent_layers_raise():
+    model = tiny("llama")
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(ValueError, match=r"attention layers only; this model has \['linear_attention'\]"):
+        fastdpo.model_pair_logps(model, pack_pairs(make_pairs(), 0))
