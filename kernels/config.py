@@ -1,7 +1,10 @@
 """Every launch configuration in one place.
 
 Fixed configurations by default. ``FASTDPO_BLOCKS="BN,BV,BD,WARPS[,STAGES]"`` overrides
-the linear kernels' tiles for experiments (e.g. tuning on a new card).
+the linear kernels' tiles for experiments (e.g. tuning on a new card), ``FASTDPO_SLICE_MB``
+the vocabulary backward's dL workspace. The backward itself: ``FASTDPO_BWD`` (below). The
+chunk schedules are pure functions of the sizes (``vocab_slices``), so that tests can
+check the GPU's schedule on the CPU.
 Under ``TRITON_INTERPRET=1`` small tiles keep the CPU interpreter quick and
 exercise every boundary of the loops.
 """
@@ -72,12 +75,35 @@ def dlogits_rows(vocab: int, itemsize: int, block_n: int) -> int:
     return max(block_n, DLOGITS_BYTES // (vocab * itemsize) // block_n * block_n)
 
 
-def backward_mode() -> str:
-    """``FASTDPO_BWD``: "products" (default: dL chunks + matrix products) or "fused" (one kernel, atomics)."""
-    mode = os.environ.get("FASTDPO_BWD", "products")
-    if mode not in ("products", "fused"):
-        raise ValueError(f"FASTDPO_BWD must be 'products' or 'fused', got {mode!r}")
+def _mode(name: str, choices: tuple) -> str:
+    mode = os.environ.get(name, choices[0])
+    if mode not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {mode!r}")
     return mode
+
+
+def backward_mode() -> str:
+    """``FASTDPO_BWD``: "products" (default: row chunks of dL + matrix products into an fp32 dW),
+    "vocab" (vocabulary slices of dL; each dW slice written once, in the weight dtype) or
+    "fused" (one kernel, atomics; gradient filtering)."""
+    return _mode("FASTDPO_BWD", ("products", "vocab", "fused"))
+
+
+# The vocabulary backward's dL [N, width] workspace (input dtype). Besides it the backward holds
+# h[rows] [N, D] (input dtype) and the fp32 dH accumulator [N, D]: all independent of V.
+VOCAB_SLICE_BYTES = 128 << 20
+
+
+def vocab_slices(n: int, vocab: int, itemsize: int, block_v: int) -> list:
+    """[(v0, v1)]: the vocabulary slices of the vocabulary backward, each a multiple of BLOCK_V wide
+    (except the last) and at most max(VOCAB_SLICE_BYTES, n * BLOCK_V * itemsize) of dL. The
+    interpreter: two tiles per slice, so that the tests cross slice boundaries."""
+    if INTERPRETING:
+        width = 2 * block_v
+    else:
+        budget = int(float(os.environ.get("FASTDPO_SLICE_MB", VOCAB_SLICE_BYTES / 2**20)) * 2**20)
+        width = max(block_v, budget // (max(n, 1) * itemsize) // block_v * block_v)
+    return [(v0, min(vocab, v0 + width)) for v0 in range(0, vocab, width)]
 
 
 def _parse_blocks(text: str) -> Blocks:
