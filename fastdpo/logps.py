@@ -208,7 +208,8 @@ def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     rows at a time and hands the two gradient products to matrix multiplies:
     no atomics, so it is bitwise reproducible as it is. ``FASTDPO_BWD=vocab``
     takes a slice of the vocabulary at a time instead (each weight-gradient slice
-    written once, in the weight dtype; no fp32 [V, D] buffer; unmeasured on a GPU so far).
+    written once, in the weight dtype; no fp32 [V, D] buffer), ``FASTDPO_FWD=tiles``
+    runs the forward's product in cuBLAS tiles; both unmeasured on a GPU so far.
     ``FASTDPO_BWD=fused`` selects the one-kernel backward (no [rows, V] buffer,
     slower on the GPU), which the next two options concern:
     filter_eps: skips logit tiles where every ``|onehot - softmax| < filter_eps``.

@@ -2,9 +2,9 @@
 
 Fixed configurations by default. ``FASTDPO_BLOCKS="BN,BV,BD,WARPS[,STAGES]"`` overrides
 the linear kernels' tiles for experiments (e.g. tuning on a new card), ``FASTDPO_SLICE_MB``
-the vocabulary backward's dL workspace. The backward itself: ``FASTDPO_BWD`` (below). The
-chunk schedules are pure functions of the sizes (``vocab_slices``), so that tests can
-check the GPU's schedule on the CPU.
+the vocabulary backward's dL workspace. The paths themselves: ``FASTDPO_FWD`` and
+``FASTDPO_BWD`` (below). The chunk schedules are pure functions of the sizes
+(``vocab_slices``, ``forward_tiles``), so that tests can check the GPU's schedule on the CPU.
 Under ``TRITON_INTERPRET=1`` small tiles keep the CPU interpreter quick and
 exercise every boundary of the loops.
 """
@@ -89,6 +89,12 @@ def backward_mode() -> str:
     return _mode("FASTDPO_BWD", ("products", "vocab", "fused"))
 
 
+def forward_mode() -> str:
+    """``FASTDPO_FWD``: "triton" (default: logits never leave the kernel) or "tiles" (cuBLAS products
+    on [FWD_TILE_N, FWD_TILE_V] fp32 tiles, each folded by a Triton kernel; bf16/fp16 inputs only)."""
+    return _mode("FASTDPO_FWD", ("triton", "tiles"))
+
+
 # The vocabulary backward's dL [N, width] workspace (input dtype). Besides it the backward holds
 # h[rows] [N, D] (input dtype) and the fp32 dH accumulator [N, D]: all independent of V.
 VOCAB_SLICE_BYTES = 128 << 20
@@ -104,6 +110,18 @@ def vocab_slices(n: int, vocab: int, itemsize: int, block_v: int) -> list:
         budget = int(float(os.environ.get("FASTDPO_SLICE_MB", VOCAB_SLICE_BYTES / 2**20)) * 2**20)
         width = max(block_v, budget // (max(n, 1) * itemsize) // block_v * block_v)
     return [(v0, min(vocab, v0 + width)) for v0 in range(0, vocab, width)]
+
+
+# The tiles forward: TRL's layout, 4096 tokens x 32768 vocabulary columns, held in fp32 (512 MB).
+FWD_TILE_N, FWD_TILE_V = 4096, 32768
+
+
+def forward_tiles(n: int, vocab: int) -> tuple:
+    """([(n0, n1)], [(v0, v1)]): the token and vocabulary tiles of the tiles forward (the interpreter:
+    tiles of 24 x 48, so that the tests cross both kinds of boundary)."""
+    tn, tv = (24, 48) if INTERPRETING else (FWD_TILE_N, FWD_TILE_V)
+    return ([(a, min(n, a + tn)) for a in range(0, n, tn)],
+            [(a, min(vocab, a + tv)) for a in range(0, vocab, tv)])
 
 
 def _parse_blocks(text: str) -> Blocks:

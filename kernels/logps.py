@@ -14,6 +14,7 @@ Backward, for upstream gradients g [N] (one per token):
   (``_dlogits_kernel``) dL is written for a chunk of rows and the products are
   matrix multiplies (``_matmul``); ``FASTDPO_BWD=vocab`` writes it for a slice of
   the vocabulary and all rows instead; ``_logps_bwd_kernel`` does them in-kernel.
+``FASTDPO_FWD=tiles`` replaces the forward kernel by cuBLAS tiles and a fold (``tiles.py``).
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ import triton.language as tl
 
 from ._matmul import fp16_unit, matmul_f32, sliced_products
 from ._tile import dot, online_lse_step, softcap_slope, to_dot_operand, transform
-from .config import backward_mode, dlogits_rows, dot_precision, linear_blocks, upcast_dot, vocab_slices, vocab_splits
+from .config import (backward_mode, dlogits_rows, dot_precision, forward_mode, linear_blocks, upcast_dot,
+                     vocab_slices, vocab_splits)
+from .tiles import combine, tiles_fwd
 
 
 @triton.jit
@@ -55,13 +58,13 @@ def _z_tile(h_ptr, w_ptr, bias_ptr, rows, mask_n, offs_v, V, D, stride_h, stride
     "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
 })
 @triton.jit
-def _logps_fwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, m_ptr, s_ptr, zy_ptr,
+def _logps_fwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, lse_ptr, zy_ptr,
                       N, V, D, stride_h, stride_w, scale, softcap, inv_temp, tiles_per_split,
                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                       BLOCK_D: tl.constexpr):
-    """Grid (n-blocks, vocabulary splits): the running max m, sum s and target logit z_y
-    of one block of rows over one split of the vocabulary, stored at [split, n]."""
+    """Grid (n-blocks, vocabulary splits): the logsumexp m + log s and target logit z_y of one
+    block of rows over one split of the vocabulary, stored at [split, n]."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
@@ -78,8 +81,7 @@ def _logps_fwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, m_ptr, s_ptr, zy_
                     BLOCK_N, BLOCK_V, BLOCK_D)
         m, s, z_y = online_lse_step(m, s, z_y, z, offs_v, y)
     out = tl.program_id(1) * N + offs_n
-    tl.store(m_ptr + out, m, mask=mask_n)
-    tl.store(s_ptr + out, s, mask=mask_n)
+    tl.store(lse_ptr + out, m + tl.log(s), mask=mask_n)
     tl.store(zy_ptr + out, z_y, mask=mask_n)
 
 
@@ -232,22 +234,24 @@ def logps_fwd(h, w, bias, rows, y, *, scale=1.0, softcap=None, temperature=1.0):
     if N == 0:
         empty = torch.empty(0, dtype=torch.float32, device=h.device)
         return empty, empty.clone()
+    if forward_mode() == "tiles" and h.dtype != torch.float32:
+        # (fp32 inputs keep the kernel: the backward's recompute then rounds its logits as the forward
+        #  did, where cuBLAS's fp32 products would differ from it by more than fp32's tolerance)
+        return tiles_fwd(h, w, bias, rows, y, scale=scale, softcap=softcap, temperature=temperature)
     cfg = linear_blocks(h.dtype)
     n_blocks, v_blocks = triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V)
     splits = vocab_splits(n_blocks, v_blocks, h.device)
     tiles_per_split = triton.cdiv(v_blocks, splits)
     splits = triton.cdiv(v_blocks, tiles_per_split)     # none left empty
-    m, s, z_y = torch.empty(3, splits, N, dtype=torch.float32, device=h.device)
+    lse_k, z_y = torch.empty(2, splits, N, dtype=torch.float32, device=h.device)
     _logps_fwd_kernel[(n_blocks, splits)](
-        h, w, bias, rows, y, m, s, z_y, N, V, D, h.stride(0), w.stride(0),
+        h, w, bias, rows, y, lse_k, z_y, N, V, D, h.stride(0), w.stride(0),
         float(scale), float(softcap or 0.0), 1.0 / temperature, tiles_per_split,
         UPCAST=upcast_dot(h.dtype), DOT_PRECISION=dot_precision(h.dtype),
         BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    # combine the splits: lse = logsumexp_k(m_k + log s_k); z_y is non-zero in one split only
-    lse = torch.logsumexp(m + s.log(), 0)
-    return z_y.sum(0) - lse, lse
+    return combine(lse_k, z_y)       # lse = logsumexp_k lse_k; z_y is non-zero in one split only
 
 
 def logps_bwd(h, w, bias, rows, y, lse, g, *, need_dh, need_dw, need_db, scale=1.0, softcap=None,

@@ -284,10 +284,10 @@ def test_second_backward_with_retained_graph_gives_same_gradients(backend, softc
     torch.testing.assert_close(weight.grad, first[1], rtol=1e-6, atol=1e-7)
 
 
-# ------------------------------------------------ the vocabulary backward (interpreter)
+# ------------------------------------------------ the vocabulary backward and the tiles forward (interpreter)
 
-# switches -> environment
-NEW_PATHS = {"vocab": {"FASTDPO_BWD": "vocab"}}
+# switches -> environment: FASTDPO_BWD=vocab alone, and with FASTDPO_FWD=tiles (16-bit inputs; fp32 keeps the kernel)
+NEW_PATHS = {"vocab": {"FASTDPO_BWD": "vocab"}, "tiles": {"FASTDPO_FWD": "tiles", "FASTDPO_BWD": "vocab"}}
 
 
 def set_path(monkeypatch, path):
@@ -311,7 +311,7 @@ def test_new_paths_match_fp64_reference(path, dtype, options, device, monkeypatc
 @pytest.mark.parametrize("requires", [r for r in itertools.product([False, True], repeat=3) if any(r)],
                          ids=lambda r: "grad-" + "".join("hwb"[i] for i in range(3) if r[i]))
 def test_new_paths_every_requires_grad_combination(requires, device, monkeypatch):
-    set_path(monkeypatch, "vocab")
+    set_path(monkeypatch, "tiles")
     check_against_reference("triton", torch.bfloat16, (2, 13, 20, 45), (True, None, 1.0, 1.0), requires=requires,
                             device=device)
 
@@ -376,3 +376,29 @@ def test_sliced_products_match_unsliced_products(monkeypatch):
         torch.testing.assert_close(dh, k * dl @ w, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(dw, k * dl.t() @ hs + (1.0 if accumulate else 0.0), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(db, k * dl.sum(0), rtol=1e-12, atol=1e-12)
+
+
+def test_forward_tiles_combine_to_the_whole_vocabulary(monkeypatch):
+    """The tiles forward's schedule with PyTorch folds, float64: per-tile logsumexp and target logit,
+    combined (``tiles.combine``), equal log-softmax over the whole vocabulary."""
+    from fastdpo.kernels import config
+    from fastdpo.kernels.tiles import combine
+    monkeypatch.setattr(config, "INTERPRETING", False)
+    assert config.forward_tiles(12288, 128256) == ([(0, 4096), (4096, 8192), (8192, 12288)],
+                                                  [(0, 32768), (32768, 65536), (65536, 98304), (98304, 128256)])
+    monkeypatch.setattr(config, "FWD_TILE_N", 64)
+    monkeypatch.setattr(config, "FWD_TILE_V", 96)
+    g = torch.Generator().manual_seed(0)
+    N, V = 150, 500
+    z, y = torch.randn(N, V, generator=g, dtype=torch.float64) * 4, torch.randint(0, V, (N,), generator=g)
+    token_tiles, vocab_tiles = config.forward_tiles(N, V)
+    lse_k, z_y = torch.empty(2, len(vocab_tiles), N, dtype=torch.float64)
+    for n0, n1 in token_tiles:
+        for k, (v0, v1) in enumerate(vocab_tiles):
+            tile = z[n0:n1, v0:v1]
+            lse_k[k, n0:n1] = tile.logsumexp(1)
+            inside = (y[n0:n1] >= v0) & (y[n0:n1] < v1)
+            z_y[k, n0:n1] = torch.where(inside, tile.gather(1, (y[n0:n1] - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0], 0)
+    logp, lse = combine(lse_k, z_y)
+    torch.testing.assert_close(lse, z.logsumexp(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logp, z.log_softmax(1).gather(1, y[:, None])[:, 0], rtol=1e-12, atol=1e-12)
