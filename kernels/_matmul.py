@@ -1,5 +1,5 @@
 """Matrix products of the input dtype accumulated in fp32, outside Triton, and the vocabulary-sliced
-schedule of the gradient products (the vocabulary backward's)."""
+schedule of the gradient products that the vocabulary backward and the one-pass loss share."""
 import warnings
 
 import torch

@@ -2,9 +2,10 @@
 
 Fixed configurations by default. ``FASTDPO_BLOCKS="BN,BV,BD,WARPS[,STAGES]"`` overrides
 the linear kernels' tiles for experiments (e.g. tuning on a new card), ``FASTDPO_SLICE_MB``
-the vocabulary backward's dL workspace. The paths themselves: ``FASTDPO_FWD`` and
-``FASTDPO_BWD`` (below). The chunk schedules are pure functions of the sizes
-(``vocab_slices``, ``forward_tiles``), so that tests can check the GPU's schedule on the CPU.
+the vocabulary backward's dL workspace. The paths themselves: ``FASTDPO_FWD``,
+``FASTDPO_BWD`` and ``FASTDPO_ONE_PASS`` (below). The chunk schedules are pure
+functions of the sizes (``vocab_slices``, ``forward_tiles``, ``pair_chunks``), so that
+tests can check the GPU's schedule on the CPU.
 Under ``TRITON_INTERPRET=1`` small tiles keep the CPU interpreter quick and
 exercise every boundary of the loops.
 """
@@ -95,6 +96,12 @@ def forward_mode() -> str:
     return _mode("FASTDPO_FWD", ("triton", "tiles"))
 
 
+def one_pass_mode() -> str:
+    """``FASTDPO_ONE_PASS``, for ``linear_dpo_loss`` on the Triton backend when its ``one_pass`` option
+    is left at None: "off" (default), "auto" (one pass where whole pairs fit a chunk) or "on" (forced)."""
+    return _mode("FASTDPO_ONE_PASS", ("off", "auto", "on"))
+
+
 # The vocabulary backward's dL [N, width] workspace (input dtype). Besides it the backward holds
 # h[rows] [N, D] (input dtype) and the fp32 dH accumulator [N, D]: all independent of V.
 VOCAB_SLICE_BYTES = 128 << 20
@@ -122,6 +129,28 @@ def forward_tiles(n: int, vocab: int) -> tuple:
     tn, tv = (24, 48) if INTERPRETING else (FWD_TILE_N, FWD_TILE_V)
     return ([(a, min(n, a + tn)) for a in range(0, n, tn)],
             [(a, min(vocab, a + tv)) for a in range(0, vocab, tv)])
+
+
+# The one-pass linear_dpo_loss: the fp32 logits [tokens, V] of one chunk of whole pairs.
+ONE_PASS_BYTES = 1 << 30
+
+
+def pair_chunks(pair_tokens: list, vocab: int, budget: int = None) -> list:
+    """[(i0, i1)]: consecutive pairs whose fp32 logits (scored tokens x V x 4 bytes) fit the budget
+    together, or None when a single pair does not fit (the one pass does not apply)."""
+    budget = ONE_PASS_BYTES if budget is None else budget
+    cap = budget // (4 * vocab)
+    if any(t > cap for t in pair_tokens):
+        return None
+    chunks, start, held = [], 0, 0
+    for i, t in enumerate(pair_tokens):
+        if held + t > cap:
+            chunks.append((start, i))
+            start, held = i, 0
+        held += t
+    if pair_tokens:
+        chunks.append((start, len(pair_tokens)))
+    return chunks
 
 
 def _parse_blocks(text: str) -> Blocks:
