@@ -22,6 +22,7 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import statistics
@@ -136,7 +137,7 @@ def peaked_inputs(targets: torch.Tensor, D: int, V: int, chunk: int = 4096):
         y = targets[a:a + chunk]
         n = y.numel()
         cand = torch.cat([y[:, None], torch.randint(0, V, (n, K - 1), device=device)], 1)          # [n, K]
-        margin = (torch.log(torch.tensor(float(V))) + PEAK_MARGIN + PEAK_MARGIN_STD * torch.randn(n, 1, device=device)
+        margin = (math.log(V) + PEAK_MARGIN + PEAK_MARGIN_STD * torch.randn(n, 1, device=device)
                   - torch.cat([torch.zeros(n, 1, device=device), PEAK_SPREAD * torch.rand(n, K - 1, device=device)], 1))
         wc = weight[cand]                                                                          # [n, K, D]
         hidden[a:a + n] += torch.einsum("nk,nkd->nd", margin / wc.square().sum(2), wc)
