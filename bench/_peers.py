@@ -46,28 +46,40 @@ class Method:
     package: str                # distribution whose version the header reports
     products: dict              # device type -> matmul work per fwd+bwd, read from the source
     note: str = ""
+    env: tuple = ()             # (name, value) environment settings while the method runs (fastdpo's switches)
+    same_loss: bool = True      # computes the shared loss (its gradient error against float64 is meaningful)
 
 
 def dpo_sigmoid_loss(logps: torch.Tensor, pb: Problem) -> torch.Tensor:
-    """logps [2P] (chosen first) -> scalar sigmoid DPO loss."""
-    chosen, rejected = logps.float().chunk(2)
-    margin = (chosen - rejected) - (pb.ref_chosen - pb.ref_rejected)
+    """logps [2P] (chosen first) -> scalar sigmoid DPO loss (float32, float64 for float64 log-probs)."""
+    dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
+    chosen, rejected = logps.to(dtype).chunk(2)
+    margin = (chosen - rejected) - (pb.ref_chosen - pb.ref_rejected).to(dtype)
     return -F.logsigmoid(BETA * margin).mean()
 
 
-def fastdpo_loss(pb: Problem) -> torch.Tensor:
+def fastdpo_loss(pb: Problem, **options) -> torch.Tensor:
     import fastdpo
 
-    logps = fastdpo.sequence_logps(pb.hidden, pb.weight, pb.labels, ignore_index=IGNORE_INDEX, softcap=pb.softcap)
+    logps = fastdpo.sequence_logps(pb.hidden, pb.weight, pb.labels, ignore_index=IGNORE_INDEX, softcap=pb.softcap,
+                                   **options)
     return dpo_sigmoid_loss(logps, pb)
 
 
-def fastdpo_linear_loss(pb: Problem) -> torch.Tensor:
+def fastdpo_unfiltered_loss(pb: Problem) -> torch.Tensor:
+    return fastdpo_loss(pb, filter_eps=None)
+
+
+def fastdpo_linear_loss(pb: Problem, **options) -> torch.Tensor:
     from fastdpo.loss import linear_dpo_loss
 
     loss, _metrics = linear_dpo_loss(pb.hidden, pb.weight, pb.labels, pb.ref_chosen, pb.ref_rejected, beta=BETA,
-                                     ignore_index=IGNORE_INDEX, softcap=pb.softcap)
+                                     ignore_index=IGNORE_INDEX, softcap=pb.softcap, **options)
     return loss
+
+
+def fastdpo_one_pass_loss(pb: Problem) -> torch.Tensor:
+    return fastdpo_linear_loss(pb, one_pass=True)
 
 
 def naive_loss(pb: Problem) -> torch.Tensor:
@@ -112,13 +124,28 @@ def liger_loss(pb: Problem) -> torch.Tensor:
     return loss
 
 
+VOCAB, TILES = (("FASTDPO_BWD", "vocab"),), (("FASTDPO_FWD", "tiles"), ("FASTDPO_BWD", "vocab"))
+FUSED = (("FASTDPO_BWD", "fused"),)
+SEQ, LOSS = "4 × scored", ("3 × scored (one pass)", "4 × scored")      # fastdpo's products: (CPU, CUDA)
+
+
+def _fastdpo(title: str, loss, products=(SEQ, SEQ), env=()) -> Method:
+    return Method(f"fastdpo {title}", loss, "fastdpo", {"cpu": products[0], "cuda": products[1]}, env=env)
+
+
 METHODS = {
-    "fastdpo": Method(
-        "fastdpo `sequence_logps`", fastdpo_loss, "fastdpo",
-        {"cpu": "4 × scored", "cuda": "4 × scored"}),
-    "fastdpo_loss": Method(
-        "fastdpo `loss.linear_dpo_loss`", fastdpo_linear_loss, "fastdpo",
-        {"cpu": "3 × scored (one pass)", "cuda": "4 × scored"}),
+    "fastdpo": _fastdpo("`sequence_logps`", fastdpo_loss),
+    "fastdpo_vocab": _fastdpo("`sequence_logps`, FASTDPO_BWD=vocab", fastdpo_loss, env=VOCAB),
+    "fastdpo_tiles": _fastdpo("`sequence_logps`, FASTDPO_FWD=tiles FASTDPO_BWD=vocab", fastdpo_loss, env=TILES),
+    "fastdpo_fused": _fastdpo("`sequence_logps`, FASTDPO_BWD=fused, filter_eps auto", fastdpo_loss,
+                              (SEQ, "≤ 4 × scored (gradient filtering)"), FUSED),
+    "fastdpo_unfiltered": _fastdpo("`sequence_logps`, FASTDPO_BWD=fused, filter_eps None", fastdpo_unfiltered_loss,
+                                   env=FUSED),
+    "fastdpo_loss": _fastdpo("`loss.linear_dpo_loss`", fastdpo_linear_loss, LOSS),
+    "fastdpo_loss_1p": _fastdpo("`loss.linear_dpo_loss`, one_pass=True", fastdpo_one_pass_loss,
+                                (LOSS[0], LOSS[0])),
+    "fastdpo_loss_tiles": _fastdpo("`loss.linear_dpo_loss`, FASTDPO_FWD=tiles FASTDPO_BWD=vocab",
+                                   fastdpo_linear_loss, LOSS, TILES),
     "naive": Method(
         "naive PyTorch (`fastdpo.reference`)", naive_loss, "torch",
         {"cpu": "3 × all", "cuda": "3 × all"}),
@@ -129,7 +156,7 @@ METHODS = {
     "liger": Method(
         "Liger `LigerFusedLinearDPOLoss`", liger_loss, "liger-kernel",
         {"cpu": "3 × all", "cuda": "3 × all"},
-        note="reference-free: API takes no ref log-probs"),
+        note="reference-free: API takes no ref log-probs", same_loss=False),
     "cce": Method(
         "CCE `linear_cross_entropy`", cce_loss, "cut-cross-entropy",
         {"cpu": "3 × scored", "cuda": "≤ 3 × scored (gradient filtering)"},

@@ -1,14 +1,20 @@
 """fastdpo against its peers in one markdown table: fwd+bwd time, peak memory, share of the GEMM rate.
 
     python bench/compare.py --shape S1 [--methods naive,cce,liger,trl] [--dtype fp32]
-                            [--repeats 3] [--out bench/RESULTS.md]
+                            [--repeats 3] [--out bench/RESULTS.md] [--error]
 
 Every method (bench/_peers.py) computes a DPO sigmoid loss from the same
 hidden [2P, T, D], weight [V, D] and labels (first quarter of each row is
 prompt, ignored) and back-propagates into hidden and weight. On the CPU each runs in a fresh
 subprocess (``--child METHOD``) so that its resident-memory peak is its own; on
 CUDA all run in one process, the allocator's peak reset for each. A method that
-fails to import, errors or is killed shows as ``n/a (reason)``.
+fails to import, errors or is killed shows as ``n/a (reason)``. Rows are printed (and
+appended to --out) as they finish, so a run cut short keeps the rows it had.
+
+The peaked shapes (``peaked``, ``S1-peaked``) draw hidden states whose softmax is as
+concentrated as a trained LM's is assumed to be (``make_problem``; the table's caption
+gives the statistics measured on the input) and add each method's gradient error against
+float64 (``--error`` adds it to any shape).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import statistics
@@ -28,12 +35,24 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _peers import BETA, IGNORE_INDEX, METHODS, Problem, Unsupported  # noqa: E402
+from _peers import BETA, IGNORE_INDEX, METHODS, Problem, Unsupported, dpo_sigmoid_loss  # noqa: E402
+
+CPU_METHODS = ("fastdpo", "fastdpo_loss", "naive", "trl", "liger", "cce")
+# on the GPU: fastdpo's Triton paths (default, FASTDPO_BWD=vocab, FASTDPO_FWD=tiles + vocab) beside the peers
+GPU_METHODS = ("fastdpo", "fastdpo_vocab", "fastdpo_tiles", "fastdpo_loss", "naive", "trl", "liger", "cce")
 
 RESULT_TAG = "@@result "
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_STD = 0.03   # logits h.w then have std ~ 0.03 * sqrt(D): about 1 for D 1024
 REF_LOGP_STD = 10.0
+# Peaked inputs: per token, the target's logit and those of PEAK_CANDIDATES - 1 random other tokens are
+# raised above a unit-variance bulk; the target by a margin ~ N(log V + PEAK_MARGIN, PEAK_MARGIN_STD^2),
+# the others by that margin less U(0, PEAK_SPREAD). The constants were chosen (not fitted to any model) for
+# a mean max-probability of about 0.55, a mean entropy of about 1.6 nats and a mean target log-prob of
+# about -1.2 (perplexity ~3.3), which we assume typical of a trained LM on in-distribution text.
+PEAK_CANDIDATES, PEAK_MARGIN, PEAK_MARGIN_STD, PEAK_SPREAD = 8, 4.25, 2.0, 6.0
+STATS_TOKENS = 512                      # scored tokens the caption's softmax statistics are measured on
+FILTER_TILE = (128, 256)                # the bf16 kernels' BLOCK_N x BLOCK_V on the GPU (kernels/config.py)
 CHILD_TIMEOUT_S = 3600
 # Every allocation above 1 MiB gets its own mmap, so a freed tensor leaves the
 # resident set at once and a later step cannot reuse it unseen (glibc otherwise
@@ -50,7 +69,9 @@ class Shape:
     dtype: Optional[str] = None       # None: fp32 on CPU, bf16 on CUDA
     softcap: Optional[float] = None
     cuda_only: bool = False
-    methods: tuple = tuple(METHODS)   # run when --methods is not given
+    methods: tuple = CPU_METHODS      # run when --methods is not given
+    peaked: bool = False              # hidden states with a trained-LM-like softmax (make_problem)
+    error: bool = False               # also each method's gradient error against float64
 
     @property
     def rows(self) -> int:
@@ -70,8 +91,19 @@ SHAPES = {
     "S2": Shape(pairs=1, T=4096, D=1024, V=32000),
     # naive PyTorch would need > 20 GB here: fastdpo only unless --methods says otherwise
     "long": Shape(pairs=1, T=32768, D=1024, V=32000, methods=("fastdpo",)),
-    "llama3": Shape(pairs=2, T=4096, D=4096, V=128256, dtype="bf16", cuda_only=True),
-    "gemma2": Shape(pairs=1, T=4096, D=2304, V=256000, dtype="bf16", softcap=30.0, cuda_only=True),
+    "S1-peaked": Shape(pairs=2, T=512, D=1024, V=32000, peaked=True, error=True, methods=("fastdpo", "naive", "cce")),
+    "llama3": Shape(pairs=2, T=4096, D=4096, V=128256, dtype="bf16", cuda_only=True, methods=GPU_METHODS),
+    "gemma2": Shape(pairs=1, T=4096, D=2304, V=256000, dtype="bf16", softcap=30.0, cuda_only=True,
+                    methods=GPU_METHODS),
+    # the common DPO batch: linear_dpo_loss (the one pass applies: 768 scored tokens a pair)
+    "dpo-short": Shape(pairs=16, T=512, D=4096, V=128256, dtype="bf16", cuda_only=True, methods=(
+        "fastdpo_loss", "fastdpo_loss_1p", "fastdpo_loss_tiles", "fastdpo", "fastdpo_tiles", "trl", "liger", "cce",
+        "naive")),
+    # naive (~100 GB) and Liger (whole-pair chunks) left out
+    "gpu-long": Shape(pairs=1, T=32768, D=4096, V=128256, dtype="bf16", cuda_only=True, methods=(
+        "fastdpo", "fastdpo_vocab", "fastdpo_tiles", "cce", "trl")),
+    "peaked": Shape(pairs=1, T=4096, D=4096, V=128256, dtype="bf16", cuda_only=True, peaked=True, error=True,
+                    methods=("fastdpo", "fastdpo_vocab", "fastdpo_unfiltered", "fastdpo_fused", "cce", "naive")),
 }
 
 
@@ -79,12 +111,59 @@ SHAPES = {
 
 def make_problem(shape: Shape, dtype: torch.dtype, device: str) -> Problem:
     torch.manual_seed(0)
-    hidden = torch.randn(shape.rows, shape.T, shape.D, device=device).to(dtype).requires_grad_()
-    weight = (torch.randn(shape.V, shape.D, device=device) * WEIGHT_STD).to(dtype).requires_grad_()
-    labels = torch.randint(0, shape.V, (shape.rows, shape.T), device=device)
+    if shape.peaked:
+        labels = torch.randint(0, shape.V, (shape.rows, shape.T), device=device)
+        hidden, weight = peaked_inputs(labels.view(-1), shape.D, shape.V)
+        hidden = hidden.view(shape.rows, shape.T, shape.D)
+    else:                                       # (the draws in the order of the recorded runs)
+        hidden = torch.randn(shape.rows, shape.T, shape.D, device=device)
+        weight = torch.randn(shape.V, shape.D, device=device) * WEIGHT_STD
+        labels = torch.randint(0, shape.V, (shape.rows, shape.T), device=device)
     labels[:, :shape.prompt] = IGNORE_INDEX
     ref = torch.randn(2, shape.pairs, device=device) * REF_LOGP_STD
-    return Problem(hidden, weight, labels, ref[0], ref[1], shape.softcap)
+    return Problem(hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_(), labels, ref[0], ref[1],
+                   shape.softcap)
+
+
+def peaked_inputs(targets: torch.Tensor, D: int, V: int, chunk: int = 4096):
+    """(hidden [N, D], weight [V, D]) fp32 for targets [N]: weight ~ N(0, 1/D), so that the bulk logits
+    u . w_v of h = u + sum_j m_j w_j / |w_j|^2 (u ~ N(0, I)) have unit variance, and the logit of each
+    candidate j (the target and PEAK_CANDIDATES - 1 random ids) is raised by its margin m_j (up to the
+    candidates' small overlaps)."""
+    device, N, K = targets.device, targets.numel(), PEAK_CANDIDATES
+    weight = torch.randn(V, D, device=device) / D ** 0.5
+    hidden = torch.randn(N, D, device=device)
+    for a in range(0, N, chunk):
+        y = targets[a:a + chunk]
+        n = y.numel()
+        cand = torch.cat([y[:, None], torch.randint(0, V, (n, K - 1), device=device)], 1)          # [n, K]
+        margin = (math.log(V) + PEAK_MARGIN + PEAK_MARGIN_STD * torch.randn(n, 1, device=device)
+                  - torch.cat([torch.zeros(n, 1, device=device), PEAK_SPREAD * torch.rand(n, K - 1, device=device)], 1))
+        wc = weight[cand]                                                                          # [n, K, D]
+        hidden[a:a + n] += torch.einsum("nk,nkd->nd", margin / wc.square().sum(2), wc)
+    return hidden, weight
+
+
+def softmax_stats(pb: Problem) -> str:
+    """The caption line: softmax statistics of the first STATS_TOKENS scored tokens (fp32), and the share of
+    FILTER_TILE tiles of |onehot - p| that lie below bf16's filter_eps everywhere (what filtering can skip)."""
+    from fastdpo import reference
+    mask = pb.labels != IGNORE_INDEX
+    h, y = pb.hidden.detach()[mask][:STATS_TOKENS].float(), pb.labels[mask][:STATS_TOKENS]
+    z = reference.logit_transform(h @ pb.weight.detach().float().t(), softcap=pb.softcap)         # [n, V]
+    logp = z.log_softmax(1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(1)
+    dz = (p - torch.nn.functional.one_hot(y, z.shape[1]).float()).abs()
+    bn, bv = FILTER_TILE
+    n, V = dz.shape[0] // bn * bn, dz.shape[1] // bv * bv
+    tiles = dz[:n, :V].reshape(n // bn, bn, V // bv, bv).amax((1, 3))
+    eps = torch.finfo(torch.bfloat16).eps / 32
+    return (f"- input softmax, first {h.shape[0]} scored tokens: mean max-probability {p.max(1).values.mean():.3f}, "
+            f"mean entropy {entropy.mean():.2f} nats, mean target log-prob {logp.gather(1, y[:, None]).mean():.2f}, "
+            f"target = argmax for {(z.argmax(1) == y).float().mean():.0%}, tokens per row with p > filter_eps "
+            f"(bf16: eps/32 = {eps:.1e}) {(p > eps).sum(1).float().mean():.1f}; {(tiles < eps).float().mean():.1%} "
+            f"of the {bn}×{bv} tiles of |onehot − p| lie below filter_eps everywhere (what filtering can skip).")
 
 
 def rss_kb() -> int:
@@ -147,13 +226,40 @@ def cuda_seconds(step, repeats: int) -> float:
     return statistics.median(times)
 
 
+_TRUTH = {}     # (shape, dtype) -> float64 gradients of the shared loss (one per process)
+
+
+def float64_grads(pb: Problem, key) -> tuple:
+    """d loss / d (hidden, weight) in float64 on the same rounded inputs (fastdpo.reference)."""
+    if key not in _TRUTH:
+        from fastdpo import reference
+        h, w = (t.detach().double().requires_grad_() for t in (pb.hidden, pb.weight))
+        logps = reference.sequence_logps(h, w, pb.labels, ignore_index=IGNORE_INDEX, softcap=pb.softcap)
+        dpo_sigmoid_loss(logps, pb).backward()
+        _TRUTH.clear()
+        _TRUTH[key] = (h.grad, w.grad)
+    return _TRUTH[key]
+
+
+def grad_errors(method, pb: Problem, key) -> dict:
+    """Max |grad - float64 grad| / max |float64 grad|, for d hidden and d weight, of one fresh step."""
+    if not method.same_loss:
+        return {}
+    truth = float64_grads(pb, key)
+    pb.hidden.grad, pb.weight.grad = None, None
+    method.loss(pb).backward()
+    return {f"err_{name}": ((g.double() - t).abs().max() / t.abs().max()).item()
+            for name, g, t in (("h", pb.hidden.grad, truth[0]), ("w", pb.weight.grad, truth[1]))}
+
+
 def run_child(args) -> dict:
     shape, device = SHAPES[args.shape], args.device
     pb = make_problem(shape, DTYPES[args.dtype], device)
+    method = METHODS[args.child]
     losses = []
 
     def step():
-        loss = METHODS[args.child].loss(pb)
+        loss = method.loss(pb)
         loss.backward()
         losses.append(loss.item())
 
@@ -162,6 +268,8 @@ def run_child(args) -> dict:
     grads = (pb.hidden.grad, pb.weight.grad)
     result["grad_mb"] = sum(g.numel() * g.element_size() for g in grads if g is not None) / 2**20
     result["loss"] = losses[0]
+    if args.error:
+        result.update(grad_errors(method, pb, (args.shape, args.dtype)))
     return result
 
 
@@ -179,8 +287,18 @@ def child_main(args) -> None:
 
 
 def run_here(method: str, args) -> dict:
-    """CUDA: every method in this process; the allocator's peak is reset for each (measure_cuda)."""
-    result = attempt(argparse.Namespace(**{**vars(args), "child": method}))
+    """CUDA: every method in this process, its environment set around it; the allocator's peak is
+    reset for each (measure_cuda)."""
+    saved = {name: os.environ.get(name) for name, _ in METHODS[method].env}
+    os.environ.update(dict(METHODS[method].env))
+    try:
+        result = attempt(argparse.Namespace(**{**vars(args), "child": method}))
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     torch.cuda.empty_cache()
     return result
 
@@ -190,9 +308,11 @@ def run_here(method: str, args) -> dict:
 def spawn(method: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--shape", args.shape,
            "--dtype", args.dtype, "--repeats", str(args.repeats), "--device", args.device]
+    if args.error:
+        cmd.append("--error")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
-                              env={**os.environ, **CHILD_ENV})
+                              env={**os.environ, **CHILD_ENV, **dict(METHODS[method].env)})
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {CHILD_TIMEOUT_S} s"}
     for line in reversed(proc.stdout.splitlines()):
@@ -255,17 +375,21 @@ def header(args, methods) -> str:
     return f"{device_name(args.device)}; {versions}; commit {git_commit()}; {date}"
 
 
-def row(method: str, r: dict, useful_flops: float, rate: float, device: str) -> str:
+def row(method: str, r: dict, useful_flops: float, rate: float, device: str, error: bool) -> str:
     m = METHODS[method]
     if "error" in r:
-        return f"| {m.title} | n/a ({r['error'].replace('|', '/')}) | | | | {m.products[device]} | | {m.note} |"
+        blank = " | |" if error else ""
+        return f"| {m.title} | n/a ({r['error'].replace('|', '/')}) | | | | {m.products[device]} | |{blank} {m.note} |"
     achieved = useful_flops / r["s"]
     growth = f"{r['growth_mb']:,.0f}" + ("" if r["peak_clean"] else " †")
+    errors = ""
+    if error:
+        errors = " | ".join(f"{r[k]:.2e}" if k in r else "n/a" for k in ("err_h", "err_w")) + " | "
     return (f"| {m.title} | {r['s'] * 1e3:,.1f} | {growth} | {achieved / 1e9:,.1f} | {achieved / rate:.0%} "
-            f"| {m.products[device]} | {r['loss']:.4f} | {m.note} |")
+            f"| {m.products[device]} | {r['loss']:.4f} | {errors}{m.note} |")
 
 
-def caption(args, results, rates, useful: float) -> list:
+def caption(args, results, rates, useful: float, stats: Optional[str]) -> list:
     s = SHAPES[args.shape]
     grad_mb = next((r["grad_mb"] for r in results.values() if "grad_mb" in r), None)
     grad = "n/a" if grad_mb is None else f"{grad_mb:,.0f} MB"
@@ -289,31 +413,42 @@ def caption(args, results, rates, useful: float) -> list:
         f"a method that keeps its logits instead of recomputing them can pass 100% of GEMM.",
         f"- % of GEMM: against torch.mm measured in this run ([2048×{s.D}]·[{min(s.V, 32768)}×{s.D}]ᵀ, "
         f"{args.dtype}, median of 10): {rates[0] / 1e9:,.1f} GFLOP/s before the methods ran, "
-        f"{rates[1] / 1e9:,.1f} after; the higher is used.",
+        f"{rates[1] / 1e9:,.1f} after; the rows use the rate before (each row is printed as its method finishes).",
         "- matmul products: what each method executes per step (from its source), each 2·n·D·V FLOPs with "
         "n = all N tokens or the scored ones.",
+        *(["- d hidden / d weight error: max |grad − float64 grad| / max |float64 grad| of one fresh step, the "
+           "float64 gradients (fastdpo.reference) taken on the same rounded inputs; the naive row is the plain "
+           "computation in the input dtype."] if args.error else []),
+        *([stats] if stats else []),
     ]
 
 
-def table(args, methods, results, rates) -> str:
-    """rates: the GEMM rate measured before and after the methods ran."""
+def useful_flops(shape: Shape) -> float:
+    return 4 * 2 * shape.scored * shape.D * shape.V
+
+
+def table_head(args, methods) -> str:
     s = SHAPES[args.shape]
-    useful = 4 * 2 * s.scored * s.D * s.V
     softcap = f", softcap {s.softcap:g}" if s.softcap else ""
-    lines = [
+    peaked = ", peaked softmax" if s.peaked else ""
+    errors = " d hidden error | d weight error |" if args.error else ""
+    return "\n".join([
         f"**{args.shape}**: {s.pairs} pair(s) × T {s.T} (N {s.rows * s.T}, {s.scored} scored), D {s.D}, "
-        f"V {s.V}, {args.dtype}{softcap}, {args.device}",
+        f"V {s.V}, {args.dtype}{softcap}{peaked}, {args.device}",
         "",
         header(args, methods),
         "",
-        "| method | fwd+bwd ms | peak growth MB | GFLOP/s | % of GEMM | matmul products | loss | notes |",
-        "|---|---:|---:|---:|---:|---|---:|---|",
-        *(row(m, results[m], useful, max(rates), args.device) for m in methods),
-        "",
-        *caption(args, results, rates, useful),
-        "",
-    ]
-    return "\n".join(lines)
+        f"| method | fwd+bwd ms | peak growth MB | GFLOP/s | % of GEMM | matmul products | loss |{errors} notes |",
+        "|---|---:|---:|---:|---:|---|---:|" + ("---:|---:|" if args.error else "") + "---|",
+    ])
+
+
+def emit(text: str, out: Optional[str]) -> None:
+    """Print a part of the table now (and append it to --out), so that a run cut short keeps it."""
+    print(text, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(text + "\n")
 
 
 def parse_args(argv=None):
@@ -323,6 +458,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=DTYPES, help="default: the shape's, else fp32 on CPU, bf16 on CUDA")
     p.add_argument("--repeats", type=int, help="timed steps per method (default 3 on CPU, 10 on CUDA)")
     p.add_argument("--out", help="also append the table to this file")
+    p.add_argument("--error", action="store_true", help="add each method's gradient error against float64 "
+                   "(on by default for the peaked shapes)")
     p.add_argument("--device", choices=("cpu", "cuda"), help=argparse.SUPPRESS)
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -332,6 +469,7 @@ def parse_args(argv=None):
         p.error(f"shape {args.shape} is a GPU shape; this machine has no CUDA device")
     args.dtype = args.dtype or shape.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.repeats = args.repeats or (10 if args.device == "cuda" else 3)
+    args.error = args.error or shape.error
     methods = args.methods.split(",") if args.methods else list(shape.methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -344,15 +482,16 @@ def main(argv=None) -> None:
     if args.child:
         return child_main(args)
     shape, dtype = SHAPES[args.shape], DTYPES[args.dtype]
+    stats = softmax_stats(make_problem(shape, dtype, args.device)) if shape.peaked else None
     rate_before = gemm_rate(shape, dtype, args.device)
+    emit(table_head(args, methods), args.out)
     run = run_here if args.device == "cuda" else spawn
-    results = {m: run(m, args) for m in methods}
+    results = {}
+    for m in methods:
+        results[m] = run(m, args)
+        emit(row(m, results[m], useful_flops(shape), rate_before, args.device, args.error), args.out)
     rates = (rate_before, gemm_rate(shape, dtype, args.device))
-    text = table(args, methods, results, rates)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    emit("\n" + "\n".join(caption(args, results, rates, useful_flops(shape), stats)) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# One prepared GPU check: on a CUDA machine with PyTorch and Triton already installed and no network,
-# install fastdpo (and the peer wheels carried in ./wheels, a folder git ignores: trl, liger-kernel,
-# cut-cross-entropy), then
-#   1. bench/gpu_correctness.py  full-size shapes against float64 ground truth (races, big-size bugs)
-#   2. bench/compare.py          the peer tables, llama3 and gemma2 heads, bf16
-#   3. the CUDA test subset      the interpreter's kernel tests, compiled for real
-#   4. bench/gpu_tune.py         tile configurations, forward share, a kernel profile
-# and print a compact summary. Each step's output: its own file under $OUT, and $OUT/gpu_check.log.
+# One prepared GPU check, at most ~8 minutes on an H200: on a CUDA machine with PyTorch and Triton already
+# installed and no network, install fastdpo (and the peer wheels carried in ./wheels, a folder git ignores:
+# trl, liger-kernel, cut-cross-entropy), then, each step under its own time limit and all under one budget:
+#   1. bench/gpu_correctness.py  every path at full size against float64 (default, fused, vocab, tiles + vocab,
+#                                the one-pass linear_dpo_loss)
+#   2. bench/compare.py          peers side by side: llama3, gemma2, dpo-short, gpu-long, peaked (with and
+#                                without gradient filtering, gradient error against float64)
+#   3. bench/gpu_tune.py         the forward alone, both designs (Triton kernel, cuBLAS tiles): share of torch.mm
+#   4. the CUDA test subset      the interpreter's kernel tests, compiled for real (whatever budget is left)
+# and print a compact summary. Each step's output: its own file under $OUT, and $OUT/gpu_check.log. A step
+# cut short by its limit keeps what it printed (compare.py prints each row as its method finishes).
 #
-#   bash bench/gpu_check.sh [--no-tune]      # results under ${OUT:-bench/gpu_out}
+#   bash bench/gpu_check.sh [--tune]     # results under ${OUT:-bench/gpu_out}; --tune adds the full sweep
+#                                        # (bench/gpu_tune.py, ~3 min more, beyond the budget)
+#   BUDGET=470 (seconds, all steps together; the planned limits below add up to it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu_out}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
+DEADLINE=$((SECONDS + ${BUDGET:-470}))
 say() { echo "$*" | tee -a "$LOG"; }
-step() {  # step NAME SECONDS FILE CMD...: run with a time limit, output to FILE and the log
+step() {  # step NAME SECONDS FILE CMD...: run with min(SECONDS, what the budget has left), output to FILE and the log
   local name=$1 limit=$2 file=$3; shift 3
+  local left=$((DEADLINE - SECONDS))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then say "== $name: skipped (budget spent)"; return; fi
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$file" 2>&1
   local rc=$?
@@ -32,29 +41,38 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
   2>&1 | tee -a "$LOG"
 
 # no index, no deps, no build isolation: setuptools is there, the network is not
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 \
+timeout 60 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 \
   || { say "fastdpo install FAILED (see $LOG)"; exit 1; }
 if [ -d wheels ]; then
-  python3 -m pip install -q --no-index --no-deps wheels/*.whl >>"$LOG" 2>&1 || say "some peer wheels failed to install"
+  timeout 60 python3 -m pip install -q --no-index --no-deps wheels/*.whl >>"$LOG" 2>&1 \
+    || say "some peer wheels failed to install"
 fi
 python3 -m pip list 2>/dev/null | grep -iE "^(fastdpo|trl|liger-kernel|cut-cross-entropy|transformers) " | tee -a "$LOG"
 
-step "correctness" 90 correctness.txt python3 bench/gpu_correctness.py
+step "correctness" 110 correctness.txt python3 bench/gpu_correctness.py
 : > "$OUT/results.md"
-for shape in llama3 gemma2; do
-  step "compare $shape" 120 "compare_$shape.txt" python3 bench/compare.py --shape "$shape" --repeats 10 \
-    --out "$OUT/results.md"
-done
+compare() {  # compare SHAPE SECONDS REPEATS
+  step "compare $1" "$2" "compare_$1.txt" python3 bench/compare.py --shape "$1" --repeats "$3" --out "$OUT/results.md"
+}
+compare llama3 55 10
+compare gemma2 45 10
+compare dpo-short 60 10
+compare gpu-long 60 5
+compare peaked 55 5
+step "forward share" 25 forward.txt python3 bench/gpu_tune.py --shapes llama3,gemma2 --forward-only --no-profile \
+  --configs "default FASTDPO_FWD=tiles"
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")      # pytest-xdist where the machine has it
 step "cuda tests" 150 tests.txt env FASTDPO_TEST_CUDA=1 python3 -m pytest -q $XDIST -p no:cacheprovider \
-  tests/test_logps.py tests/test_logits_logps.py -k triton
-if [ "${1:-}" != "--no-tune" ]; then
-  step "tune" 150 tune.txt python3 bench/gpu_tune.py
+  tests/test_logps.py tests/test_logits_logps.py tests/test_linear_loss.py -k "triton or new_paths or vocab"
+if [ "${1:-}" = "--tune" ]; then
+  DEADLINE=$((SECONDS + 600))
+  step "tune" 600 tune.txt python3 bench/gpu_tune.py
 fi
 
 say ""
 say "== summary"
 grep -E "^FAIL|failure" "$OUT/correctness.txt" | tee -a "$LOG"
-grep -E "^\| |^\*\*" "$OUT/results.md" | tee -a "$LOG"
-[ -f "$OUT/tune.txt" ] && grep -E "^\||GEMM" "$OUT/tune.txt" | tee -a "$LOG"
-tail -n 1 "$OUT/tests.txt" | tee -a "$LOG"
+grep -E "^\| |^\*\*|^- input softmax" "$OUT/results.md" | tee -a "$LOG"
+grep -E "^\||TFLOP" "$OUT/forward.txt" 2>/dev/null | tee -a "$LOG"
+[ -f "$OUT/tune.txt" ] && grep -E "^\||TFLOP" "$OUT/tune.txt" | tee -a "$LOG"
+tail -n 1 "$OUT/tests.txt" 2>/dev/null | tee -a "$LOG"

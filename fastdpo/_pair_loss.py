@@ -6,6 +6,7 @@ See the kernel's docstring for the notation; every term uses the stable log-sigm
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -93,3 +94,32 @@ def pair_loss(pc, pr, rc, rr, lc, lr, *, loss_type, f_divergence_type, beta, lab
     if gx is not None:
         dc, dr = gx * fc, -gx * fr
     return loss, dc, dr
+
+
+class PairGrads(NamedTuple):
+    loss: torch.Tensor   # [] the weighted terms summed over the given pairs
+    dc: torch.Tensor     # [P] d loss / d policy chosen log-prob, per pair
+    dr: torch.Tensor     # [P] d loss / d policy rejected log-prob
+    drc: torch.Tensor    # [P] d loss / d reference chosen log-prob (-dc, except for simpo's terms)
+    drr: torch.Tensor    # [P] d loss / d reference rejected log-prob
+
+
+def weighted_pair_losses(pc, pr, rc, rr, lc, lr, terms, kwargs, batch: int, backend: str) -> PairGrads:
+    """sum_k w_k / batch * sum_i loss_k(pair i) over the given pairs, and its gradients per pair.
+
+    terms: [(loss_type, w_k)], per-pair types only; each term is a mean over a batch of ``batch``
+    pairs, of which these may be a chunk. backend "triton": the Triton kernel, else ``pair_loss``."""
+    if backend == "triton":
+        from .kernels.dpo_loss import dpo_pair_loss as fn
+    else:
+        fn = pair_loss
+    zero = torch.zeros_like(pc)
+    loss, dc, dr, drc, drr = pc.new_zeros(()), zero, zero.clone(), zero.clone(), zero.clone()
+    for name, weight in terms:
+        per, c, r = fn(pc, pr, rc, rr, lc, lr, loss_type=name, **kwargs)
+        k = weight / batch
+        loss = loss + k * per.sum()
+        dc, dr = dc + k * c, dr + k * r
+        if name != "simpo":               # simpo ignores the reference
+            drc, drr = drc - k * c, drr - k * r
+    return PairGrads(loss, dc, dr, drc, drr)

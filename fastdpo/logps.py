@@ -87,6 +87,18 @@ def _token_grads(grad_seq, grad_tok, rows, T: int, counts, average: bool) -> tor
     return g.contiguous()
 
 
+SCATTER_ROWS = 4096
+
+
+def _scatter_rows(compact: torch.Tensor, rows, like: torch.Tensor) -> torch.Tensor:
+    """[N, D] (fp32) -> zeros like ``like`` [M, D] with row rows[n] = compact[n], cast a few rows at a time
+    (no [N, D] copy in like's dtype at the backward's memory peak)."""
+    out = torch.zeros_like(like)
+    for s in range(0, rows.numel(), SCATTER_ROWS):
+        out.index_copy_(0, rows[s:s + SCATTER_ROWS], compact[s:s + SCATTER_ROWS].to(out.dtype))
+    return out
+
+
 class LinearLogps(torch.autograd.Function):
     """(hidden [B, T, D], weight [V, D], bias [V] | None, labels) -> (seq [B], token [B, T])."""
 
@@ -122,9 +134,7 @@ class LinearLogps(torch.autograd.Function):
                 h, w, b, rows, y, lse, g, need_dh=need_dh, need_dw=need_dw, need_db=need_db,
                 scale=p.logit_scale, softcap=p.softcap, temperature=p.temperature,
                 filter_eps=p.filter_eps, deterministic=p.deterministic)
-            dh = None
-            if need_dh:
-                dh = torch.zeros_like(h).index_copy_(0, rows, dh_rows.to(h.dtype))
+            dh = _scatter_rows(dh_rows, rows, h) if need_dh else None
             dw = None if dw is None else dw.to(w.dtype)
             db = None if db is None else db.to(b.dtype)
         else:
@@ -196,9 +206,12 @@ def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     ``"triton"``, ``"torch"`` or ``"reference"`` (materializes logits).
     The Triton backward (default) writes the logits' gradient for a chunk of
     rows at a time and hands the two gradient products to matrix multiplies:
-    no atomics, so it is bitwise reproducible as it is. ``FASTDPO_BWD=fused``
-    selects the one-kernel backward (no [rows, V] buffer, slower on the GPU),
-    which the next two options concern:
+    no atomics, so it is bitwise reproducible as it is. ``FASTDPO_BWD=vocab``
+    takes a slice of the vocabulary at a time instead (each weight-gradient slice
+    written once, in the weight dtype; no fp32 [V, D] buffer), ``FASTDPO_FWD=tiles``
+    runs the forward's product in cuBLAS tiles; both unmeasured on a GPU so far.
+    ``FASTDPO_BWD=fused`` selects the one-kernel backward (no [rows, V] buffer,
+    slower on the GPU), which the next two options concern:
     filter_eps: skips logit tiles where every ``|onehot - softmax| < filter_eps``.
     ``"auto"`` = ``finfo(dtype).eps / 32`` for bf16/fp16 (each skipped term is
     below the input dtype's resolution relative to the target term; many

@@ -16,7 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _pair_loss
-from ._fused_loss import FusedLinearDPO, tie
+from ._fused_loss import LENGTH_TIED, TIED, FusedLinearDPO, pair_token_counts, tie
 from ._validate import check_labels, check_linear_inputs
 from .logps import logps_params, resolve_backend, sequence_logps
 from .reference import F_DIVERGENCES, LOSS_TYPES
@@ -48,6 +48,11 @@ class DPOParams:
         return dict(f_divergence_type=self.f_divergence_type, beta=self.beta, label_smoothing=self.label_smoothing,
                     gamma=self.gamma, discopop_tau=self.discopop_tau,
                     f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+
+
+def pair_terms(params: DPOParams) -> list:
+    """[(loss_type, weight)] of the per-pair terms (the batch-level aot, aot_unpaired, sft left out)."""
+    return [(n, w) for n, w in zip(params.loss_types, params.loss_weights) if n not in BATCH_LOSSES]
 
 
 def _check_label_smoothing(types, ls) -> None:
@@ -123,28 +128,17 @@ class DPOLossFn(torch.autograd.Function):
         rc_, rr_ = (rc.to(f32), rr.to(f32)) if has_ref else (torch.zeros_like(pc), torch.zeros_like(pr))
         lc_ = None if lc is None else lc.to(f32)
         lr_ = None if lr is None else lr.to(f32)
-        B = pc.shape[0]
-        total = torch.zeros((), dtype=f32, device=pc.device)
-        grads = [torch.zeros_like(pc) for _ in range(4)]
+        pairs = _pair_loss.weighted_pair_losses(
+            pc, pr, rc_ if has_ref else None, rr_ if has_ref else None, lc_, lr_, pair_terms(params),
+            params.pair_kwargs(), pc.shape[0], backend)
+        total = pairs.loss.to(f32)
+        grads = [g.to(f32) for g in pairs[1:]]
         for name, weight in zip(params.loss_types, params.loss_weights):
             if name in BATCH_LOSSES:
                 loss, g = _batch_loss(name, pc, pr, rc_, rr_, lc_, params)
                 total += weight * loss
                 for acc, gi in zip(grads, g):
                     acc += weight * gi
-                continue
-            args = (pc, pr, rc_ if has_ref else None, rr_ if has_ref else None, lc_, lr_)
-            if backend == "triton":
-                from .kernels.dpo_loss import dpo_pair_loss
-                per, dc, dr = dpo_pair_loss(*args, loss_type=name, **params.pair_kwargs())
-            else:
-                per, dc, dr = _pair_loss.pair_loss(*args, loss_type=name, **params.pair_kwargs())
-            total += weight * per.mean()
-            grads[0] += weight / B * dc
-            grads[1] += weight / B * dr
-            if name != "simpo":               # simpo ignores the reference
-                grads[2] -= weight / B * dc
-                grads[3] -= weight / B * dr
         ctx.save_for_backward(*grads)
         ctx.has_ref = has_ref
         return total
@@ -225,8 +219,8 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     bias: Optional[torch.Tensor] = None, ignore_index: int = -100, logit_scale: float = 1.0,
                     softcap: Optional[float] = None, temperature: float = 1.0,
                     ref_hidden: Optional[torch.Tensor] = None, ref_weight: Optional[torch.Tensor] = None,
-                    ref_bias: Optional[torch.Tensor] = None, backend: str = "auto", return_logps: bool = False,
-                    **loss_kwargs):
+                    ref_bias: Optional[torch.Tensor] = None, backend: str = "auto",
+                    one_pass: Union[bool, str, None] = None, return_logps: bool = False, **loss_kwargs):
     """Hidden states [2B, T, D] (B chosen rows, then B rejected) and lm_head weight [V, D] -> (loss, metrics).
 
     The reference comes as log-probs [B] each, or as ``ref_hidden`` (+ ``ref_weight``,
@@ -236,12 +230,17 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     ``return_logps=True`` also returns the policy's per-sequence log-probs [2B] (detached): the same numbers the
     loss was computed from (a trainer's reference pass can share the training pass's arithmetic exactly).
 
-    One pass on the chunked PyTorch path (CPU): for sigmoid, hinge, exo_pair, robust,
-    discopop (and, length-normalized, ipo, sigmoid_norm, simpo) with reverse KL, the
-    rejected sequence's upstream gradient is tied to the chosen one, so the gradients
-    are formed while scoring: three matrix products instead of sequence_logps' four
-    (no logit recompute), for one extra [V, D] fp32 accumulator. Other losses, CUDA
-    and 16-bit inputs use sequence_logps + dpo_loss.
+    one_pass: form the gradients while scoring, three matrix products instead of
+    sequence_logps' four (no logit recompute); ``"auto"`` where it applies, ``True``
+    forces it (a ValueError says why it cannot), ``False`` never. ``None``: "auto" on
+    the chunked PyTorch path, ``FASTDPO_ONE_PASS`` (default "off") on the Triton one.
+    Chunked PyTorch path (CPU): fp32/fp64 and sigmoid, hinge, exo_pair, robust, discopop
+    (or, length-normalized, ipo, sigmoid_norm, simpo) with reverse KL, whose rejected
+    gradient is tied to the chosen one; one extra [V, D] fp32 accumulator. Triton path
+    (CUDA): any per-pair loss, chunks of whole pairs whose fp32 logits fit
+    ``kernels.config.ONE_PASS_BYTES`` (1 GiB; longer pairs: sequence_logps + dpo_loss),
+    plus an fp32 [V, D] accumulator; not yet measured on a GPU. Otherwise, and for
+    references that require grad, sequence_logps + dpo_loss.
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise ValueError("hidden must be a tensor [2B, T, D]: the B chosen rows, then the B rejected rows")
@@ -264,10 +263,12 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     o = {**LOSS_DEFAULTS, **loss_kwargs}
     params = make_params(loss_type, o["loss_weights"], beta, o["label_smoothing"], o["f_divergence_type"],
                          o["f_alpha_divergence_coef"], o["gamma"], o["discopop_tau"])
-    fused = _one_pass(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, params, backend)
+    check_linear_inputs(hidden, weight, bias)
+    labels = check_labels(labels, hidden.shape[:2], hidden.device, weight.shape[0], ignore_index)
+    fused = _one_pass(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, params, backend,
+                      one_pass, ignore_index)
     if fused is not None:
         lp = logps_params(ignore_index, logit_scale, softcap, temperature)
-        labels = check_labels(labels, hidden.shape[:2], hidden.device, weight.shape[0], ignore_index)
         loss, pc, pr = FusedLinearDPO.apply(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps,
                                             lp, params, fused)
         out = loss, _metrics(pc, pr, ref_chosen_logps, ref_rejected_logps, params.beta)
@@ -281,22 +282,53 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     return (*out, logps.detach()) if return_logps else out
 
 
-def _one_pass(hidden, weight, bias, labels, ref_c, ref_r, params: DPOParams, backend: str) -> Optional[str]:
-    """The tie kind when the one-pass path applies (chunked PyTorch backend, fp32/fp64, a loss that ties
-    the rejected gradient to the chosen one, references without gradient), else None."""
-    check_linear_inputs(hidden, weight, bias)
-    if resolve_backend(backend, hidden) != "torch" or hidden.dtype not in (torch.float32, torch.float64):
+ONE_PASS_CHOICES = (None, "auto", True, False)
+
+
+def _one_pass(hidden, weight, bias, labels, ref_c, ref_r, params: DPOParams, backend: str, option,
+              ignore_index: int) -> Optional[str]:
+    """The one-pass kind ("tied" / "length": chunked PyTorch path; "pairs": Triton) when the one pass
+    is asked for and applies, else None (sequence_logps + dpo_loss); ValueError when forced in vain."""
+    if option not in ONE_PASS_CHOICES:
+        raise ValueError(f"one_pass must be None, 'auto', True or False, got {option!r}")
+    option = bool(option) if option in (True, False) else option
+    backend = resolve_backend(backend, hidden)
+    if option is None and backend == "triton":
+        from .kernels.config import one_pass_mode
+        option = {"off": False, "auto": "auto", "on": True}[one_pass_mode()]
+    if option is False:
         return None
+    kind, why = _one_pass_kind(hidden, weight, labels, ref_c, ref_r, params, backend, ignore_index)
+    if kind is None and option is True:
+        raise ValueError(f"one_pass=True: the one pass does not apply here: {why}")
+    return kind
+
+
+def _one_pass_kind(hidden, weight, labels, ref_c, ref_r, params: DPOParams, backend: str, ignore_index: int):
+    """(kind, None) where the one pass applies, else (None, the reason)."""
+    if backend not in ("torch", "triton"):
+        return None, f"backend {backend!r} has no one-pass path"
     if any(r is not None and r.requires_grad for r in (ref_c, ref_r)):
-        return None
+        return None, "the reference log-probs require grad"
     for name, r in (("ref_chosen_logps", ref_c), ("ref_rejected_logps", ref_r)):
         if r is not None:
             _check_logps(name, r, hidden.shape[0] // 2, hidden.device)
     if (ref_c is None) != (ref_r is None):
-        return None                      # dpo_loss raises the clear error
+        return None, "only one of ref_chosen_logps and ref_rejected_logps is given"   # dpo_loss raises
     if ref_c is None and not set(params.loss_types) <= set(REFERENCE_FREE_LOSSES):
-        return None
-    return tie(params.loss_types, params.f_divergence_type)
+        return None, f"loss_type {list(params.loss_types)} needs reference log-probs"
+    if backend == "torch":
+        if hidden.dtype not in (torch.float32, torch.float64):
+            return None, f"the chunked PyTorch path's one pass runs in fp32/fp64, not {hidden.dtype}"
+        kind = tie(params.loss_types, params.f_divergence_type)
+        return kind, None if kind else ("the chunked PyTorch path's one pass needs a loss whose rejected gradient "
+                                        f"is tied to the chosen one ({list(TIED + LENGTH_TIED)}) with reverse_kl")
+    if set(params.loss_types) & set(BATCH_LOSSES):
+        return None, f"{sorted(set(params.loss_types) & set(BATCH_LOSSES))} couple the pairs of a batch"
+    from .kernels.config import ONE_PASS_BYTES, pair_chunks
+    if pair_chunks(pair_token_counts(labels, ignore_index), weight.shape[0]) is None:
+        return None, f"a pair's fp32 logits exceed ONE_PASS_BYTES ({ONE_PASS_BYTES} bytes)"
+    return "pairs", None
 
 
 class DPOLoss(torch.nn.Module):

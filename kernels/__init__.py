@@ -15,9 +15,12 @@ Naming convention, used in every kernel and launcher here:
 Each op has a ``_<op>_fwd_kernel`` / ``_<op>_bwd_kernel`` (``@triton.jit`` only)
 and ``<op>_fwd()`` / ``<op>_bwd()`` launchers (checks, allocation, grid). The
 linear op's backward launcher uses ``_dlogits_kernel`` and two matrix products
-(``_matmul.py``) by default, ``_logps_bwd_kernel`` with ``FASTDPO_BWD=fused``
-(``config.py`` holds every such choice). No autograd lives here; see
-``fastdpo/logps.py``.
+(``_matmul.py``) by default, over row chunks, or over vocabulary slices with
+``FASTDPO_BWD=vocab``; ``_logps_bwd_kernel`` with ``FASTDPO_BWD=fused``. Its forward
+is ``_logps_fwd_kernel``, or with ``FASTDPO_FWD=tiles`` cuBLAS tiles folded by the
+logits op's forward kernel (``tiles.py``, which also holds the chunk steps of the
+one-pass loss). ``config.py`` holds every such choice and the chunk schedules. No
+autograd lives here; see ``fastdpo/logps.py`` and ``fastdpo/_fused_loss.py``.
 """
 from .dpo_loss import dpo_pair_loss
 from .logits_logps import logits_logps_bwd, logits_logps_fwd

@@ -1,7 +1,11 @@
 """Every launch configuration in one place.
 
 Fixed configurations by default. ``FASTDPO_BLOCKS="BN,BV,BD,WARPS[,STAGES]"`` overrides
-the linear kernels' tiles for experiments (e.g. tuning on a new card).
+the linear kernels' tiles for experiments (e.g. tuning on a new card), ``FASTDPO_SLICE_MB``
+the vocabulary backward's dL workspace. The paths themselves: ``FASTDPO_FWD``,
+``FASTDPO_BWD`` and ``FASTDPO_ONE_PASS`` (below). The chunk schedules are pure
+functions of the sizes (``vocab_slices``, ``forward_tiles``, ``pair_chunks``), so that
+tests can check the GPU's schedule on the CPU.
 Under ``TRITON_INTERPRET=1`` small tiles keep the CPU interpreter quick and
 exercise every boundary of the loops.
 """
@@ -72,12 +76,81 @@ def dlogits_rows(vocab: int, itemsize: int, block_n: int) -> int:
     return max(block_n, DLOGITS_BYTES // (vocab * itemsize) // block_n * block_n)
 
 
-def backward_mode() -> str:
-    """``FASTDPO_BWD``: "products" (default: dL chunks + matrix products) or "fused" (one kernel, atomics)."""
-    mode = os.environ.get("FASTDPO_BWD", "products")
-    if mode not in ("products", "fused"):
-        raise ValueError(f"FASTDPO_BWD must be 'products' or 'fused', got {mode!r}")
+def _mode(name: str, choices: tuple) -> str:
+    mode = os.environ.get(name, choices[0])
+    if mode not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {mode!r}")
     return mode
+
+
+def backward_mode() -> str:
+    """``FASTDPO_BWD``: "products" (default: row chunks of dL + matrix products into an fp32 dW),
+    "vocab" (vocabulary slices of dL; each dW slice written once, in the weight dtype) or
+    "fused" (one kernel, atomics; gradient filtering)."""
+    return _mode("FASTDPO_BWD", ("products", "vocab", "fused"))
+
+
+def forward_mode() -> str:
+    """``FASTDPO_FWD``: "triton" (default: logits never leave the kernel) or "tiles" (cuBLAS products
+    on [FWD_TILE_N, FWD_TILE_V] fp32 tiles, each folded by a Triton kernel; bf16/fp16 inputs only)."""
+    return _mode("FASTDPO_FWD", ("triton", "tiles"))
+
+
+def one_pass_mode() -> str:
+    """``FASTDPO_ONE_PASS``, for ``linear_dpo_loss`` on the Triton backend when its ``one_pass`` option
+    is left at None: "off" (default), "auto" (one pass where whole pairs fit a chunk) or "on" (forced)."""
+    return _mode("FASTDPO_ONE_PASS", ("off", "auto", "on"))
+
+
+# The vocabulary backward's dL [N, width] workspace (input dtype). Besides it the backward holds
+# h[rows] [N, D] (input dtype) and the fp32 dH accumulator [N, D]: all independent of V.
+VOCAB_SLICE_BYTES = 128 << 20
+
+
+def vocab_slices(n: int, vocab: int, itemsize: int, block_v: int) -> list:
+    """[(v0, v1)]: the vocabulary slices of the vocabulary backward, each a multiple of BLOCK_V wide
+    (except the last) and at most max(VOCAB_SLICE_BYTES, n * BLOCK_V * itemsize) of dL. The
+    interpreter: two tiles per slice, so that the tests cross slice boundaries."""
+    if INTERPRETING:
+        width = 2 * block_v
+    else:
+        budget = int(float(os.environ.get("FASTDPO_SLICE_MB", VOCAB_SLICE_BYTES / 2**20)) * 2**20)
+        width = max(block_v, budget // (max(n, 1) * itemsize) // block_v * block_v)
+    return [(v0, min(vocab, v0 + width)) for v0 in range(0, vocab, width)]
+
+
+# The tiles forward: TRL's layout, 4096 tokens x 32768 vocabulary columns, held in fp32 (512 MB).
+FWD_TILE_N, FWD_TILE_V = 4096, 32768
+
+
+def forward_tiles(n: int, vocab: int) -> tuple:
+    """([(n0, n1)], [(v0, v1)]): the token and vocabulary tiles of the tiles forward (the interpreter:
+    tiles of 24 x 48, so that the tests cross both kinds of boundary)."""
+    tn, tv = (24, 48) if INTERPRETING else (FWD_TILE_N, FWD_TILE_V)
+    return ([(a, min(n, a + tn)) for a in range(0, n, tn)],
+            [(a, min(vocab, a + tv)) for a in range(0, vocab, tv)])
+
+
+# The one-pass linear_dpo_loss: the fp32 logits [tokens, V] of one chunk of whole pairs.
+ONE_PASS_BYTES = 1 << 30
+
+
+def pair_chunks(pair_tokens: list, vocab: int, budget: int = None) -> list:
+    """[(i0, i1)]: consecutive pairs whose fp32 logits (scored tokens x V x 4 bytes) fit the budget
+    together, or None when a single pair does not fit (the one pass does not apply)."""
+    budget = ONE_PASS_BYTES if budget is None else budget
+    cap = budget // (4 * vocab)
+    if any(t > cap for t in pair_tokens):
+        return None
+    chunks, start, held = [], 0, 0
+    for i, t in enumerate(pair_tokens):
+        if held + t > cap:
+            chunks.append((start, i))
+            start, held = i, 0
+        held += t
+    if pair_tokens:
+        chunks.append((start, len(pair_tokens)))
+    return chunks
 
 
 def _parse_blocks(text: str) -> Blocks:

@@ -12,7 +12,9 @@ Backward, for upstream gradients g [N] (one per token):
   Each program recomputes its logit tile; (onehot - p) is formed in fp32 and
   only dL is cast to the input dtype for the two products. By default
   (``_dlogits_kernel``) dL is written for a chunk of rows and the products are
-  matrix multiplies (``_matmul``); ``_logps_bwd_kernel`` does them in-kernel.
+  matrix multiplies (``_matmul``); ``FASTDPO_BWD=vocab`` writes it for a slice of
+  the vocabulary and all rows instead; ``_logps_bwd_kernel`` does them in-kernel.
+``FASTDPO_FWD=tiles`` replaces the forward kernel by cuBLAS tiles and a fold (``tiles.py``).
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._matmul import matmul_f32
+from ._matmul import fp16_unit, matmul_f32, sliced_products
 from ._tile import dot, online_lse_step, softcap_slope, to_dot_operand, transform
-from .config import backward_mode, dlogits_rows, dot_precision, linear_blocks, upcast_dot, vocab_splits
+from .config import (backward_mode, dlogits_rows, dot_precision, forward_mode, linear_blocks, upcast_dot,
+                     vocab_slices, vocab_splits)
+from .tiles import combine, tiles_fwd
 
 
 @triton.jit
@@ -54,13 +58,13 @@ def _z_tile(h_ptr, w_ptr, bias_ptr, rows, mask_n, offs_v, V, D, stride_h, stride
     "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
 })
 @triton.jit
-def _logps_fwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, m_ptr, s_ptr, zy_ptr,
+def _logps_fwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, lse_ptr, zy_ptr,
                       N, V, D, stride_h, stride_w, scale, softcap, inv_temp, tiles_per_split,
                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                       BLOCK_D: tl.constexpr):
-    """Grid (n-blocks, vocabulary splits): the running max m, sum s and target logit z_y
-    of one block of rows over one split of the vocabulary, stored at [split, n]."""
+    """Grid (n-blocks, vocabulary splits): the logsumexp m + log s and target logit z_y of one
+    block of rows over one split of the vocabulary, stored at [split, n]."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
@@ -77,8 +81,7 @@ def _logps_fwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, m_ptr, s_ptr, zy_
                     BLOCK_N, BLOCK_V, BLOCK_D)
         m, s, z_y = online_lse_step(m, s, z_y, z, offs_v, y)
     out = tl.program_id(1) * N + offs_n
-    tl.store(m_ptr + out, m, mask=mask_n)
-    tl.store(s_ptr + out, s, mask=mask_n)
+    tl.store(lse_ptr + out, m + tl.log(s), mask=mask_n)
     tl.store(zy_ptr + out, z_y, mask=mask_n)
 
 
@@ -88,14 +91,15 @@ def _logps_fwd_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, m_ptr, s_ptr, zy_
 })
 @triton.jit
 def _dlogits_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, lse_ptr, g_ptr, dl_ptr,
-                    N, V, D, stride_h, stride_w, scale, softcap, inv_temp,
+                    N, V, D, stride_h, stride_w, stride_dl, v_lo, scale, softcap, inv_temp,
                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                     BLOCK_D: tl.constexpr):
-    """Grid (n-blocks, v-blocks): dL [N, V] = g * alpha * (onehot - softmax(z)) * k for a chunk of rows,
-    stored in the input dtype (one rounding, as the operand of a tensor-core product)."""
+    """Grid (n-blocks, v-blocks): dL [N, V - v_lo] = g * alpha * (onehot - softmax(z)) * k for the
+    vocabulary ids [v_lo, V) of a chunk of rows, stored in the input dtype (one rounding, as the
+    operand of a tensor-core product) with row stride stride_dl."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_v = v_lo + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
     mask_v = offs_v < V
     rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
@@ -109,8 +113,8 @@ def _dlogits_kernel(h_ptr, w_ptr, bias_ptr, rows_ptr, y_ptr, lse_ptr, g_ptr, dl_
     if HAS_SOFTCAP:
         dz = dz * softcap_slope(tl.where(mask_v[None, :], z, 0.0), softcap, inv_temp)
     dl = to_dot_operand(dz * g[:, None], dl_ptr.dtype.element_ty, UPCAST)
-    tl.store(dl_ptr + offs_n.to(tl.int64)[:, None] * V + offs_v[None, :], dl.to(dl_ptr.dtype.element_ty),
-             mask=mask_n[:, None] & mask_v[None, :])
+    tl.store(dl_ptr + offs_n.to(tl.int64)[:, None] * stride_dl + (offs_v - v_lo)[None, :],
+             dl.to(dl_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
 
 
 @triton.jit
@@ -230,40 +234,49 @@ def logps_fwd(h, w, bias, rows, y, *, scale=1.0, softcap=None, temperature=1.0):
     if N == 0:
         empty = torch.empty(0, dtype=torch.float32, device=h.device)
         return empty, empty.clone()
+    if forward_mode() == "tiles" and h.dtype != torch.float32:
+        # (fp32 inputs keep the kernel: the backward's recompute then rounds its logits as the forward
+        #  did, where cuBLAS's fp32 products would differ from it by more than fp32's tolerance)
+        return tiles_fwd(h, w, bias, rows, y, scale=scale, softcap=softcap, temperature=temperature)
     cfg = linear_blocks(h.dtype)
     n_blocks, v_blocks = triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V)
     splits = vocab_splits(n_blocks, v_blocks, h.device)
     tiles_per_split = triton.cdiv(v_blocks, splits)
     splits = triton.cdiv(v_blocks, tiles_per_split)     # none left empty
-    m, s, z_y = torch.empty(3, splits, N, dtype=torch.float32, device=h.device)
+    lse_k, z_y = torch.empty(2, splits, N, dtype=torch.float32, device=h.device)
     _logps_fwd_kernel[(n_blocks, splits)](
-        h, w, bias, rows, y, m, s, z_y, N, V, D, h.stride(0), w.stride(0),
+        h, w, bias, rows, y, lse_k, z_y, N, V, D, h.stride(0), w.stride(0),
         float(scale), float(softcap or 0.0), 1.0 / temperature, tiles_per_split,
         UPCAST=upcast_dot(h.dtype), DOT_PRECISION=dot_precision(h.dtype),
         BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    # combine the splits: lse = logsumexp_k(m_k + log s_k); z_y is non-zero in one split only
-    lse = torch.logsumexp(m + s.log(), 0)
-    return z_y.sum(0) - lse, lse
+    return combine(lse_k, z_y)       # lse = logsumexp_k lse_k; z_y is non-zero in one split only
 
 
 def logps_bwd(h, w, bias, rows, y, lse, g, *, need_dh, need_dw, need_db, scale=1.0, softcap=None,
               temperature=1.0, filter_eps=None, deterministic=False):
-    """Gradients of sum_n g[n] * logp[n]: (dh [N, D] fp32 | None, dw [V, D] fp32 | None, db [V] fp32 | None).
+    """Gradients of sum_n g[n] * logp[n]: (dh [N, D] fp32 | None, dw [V, D] | None, db [V] fp32 | None).
 
-    dh is compact (row n is token rows[n]). The default ("products") backward
-    takes the rows a chunk at a time: ``_dlogits_kernel`` recomputes the chunk's
-    logits and writes their gradient dL [rows, V] in the input dtype, then
-    dH = dL @ W and dW += dL^T @ H run as matrix products accumulated in fp32
-    (cuBLAS on CUDA). No atomics: repeatable bitwise. ``FASTDPO_BWD=fused``
-    selects the one-kernel backward instead (no [rows, V] buffer; atomics, or
-    with deterministic=True two passes; gradient filtering with filter_eps).
+    dh is compact (row n is token rows[n]); dw is fp32, or in the weight dtype with
+    ``FASTDPO_BWD=vocab``. The default ("products") backward takes the rows a chunk
+    at a time: ``_dlogits_kernel`` recomputes the chunk's logits and writes their
+    gradient dL [rows, V] in the input dtype, then dH = dL @ W and dW += dL^T @ H
+    run as matrix products accumulated in fp32 (cuBLAS on CUDA). ``FASTDPO_BWD=vocab``
+    takes the vocabulary a slice at a time instead (``_vocab_bwd``): no fp32 [V, D]
+    buffer. Neither uses atomics: repeatable bitwise. ``FASTDPO_BWD=fused`` selects
+    the one-kernel backward (no [rows, V] buffer; atomics, or with deterministic=True
+    two passes; gradient filtering with filter_eps).
     """
     N, V, D = _common(h, w, rows, y)
+    mode = backward_mode()
     f32 = dict(dtype=torch.float32, device=h.device)
     dh = torch.zeros(N, D, **f32) if need_dh else None
-    dw = torch.zeros(V, D, **f32) if need_dw else None
+    dw = None
+    if need_dw and mode == "vocab":                        # in the weight dtype, every slice written once
+        dw = (torch.empty if N else torch.zeros)(V, D, dtype=w.dtype, device=w.device)
+    elif need_dw:
+        dw = torch.zeros(V, D, **f32)
     db = torch.zeros(V, **f32) if need_db else None
     if N == 0 or not (need_dh or need_dw or need_db):
         return dh, dw, db
@@ -273,15 +286,14 @@ def logps_bwd(h, w, bias, rows, y, lse, g, *, need_dh, need_dw, need_db, scale=1
                   UPCAST=upcast_dot(h.dtype), DOT_PRECISION=dot_precision(h.dtype),
                   BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    # fp16: g * (onehot - p) becomes an fp16 product operand. DPO's per-token gradients are ~1e-4, where fp16
-    # loses bits to underflow: scale g by a power of two so that max|g| is about 1, undone exactly at the end
-    # (no host sync; a non-finite g stays in its own rows). bf16 has fp32's exponent range and needs none.
-    unit = None
-    if h.dtype == torch.float16:
-        unit = torch.exp2(-torch.floor(torch.log2(
-            torch.where(torch.isfinite(g), g.abs(), 0.0).max().clamp(min=2.0 ** -100))))
+    # fp16: g scaled by a power of two (``fp16_unit``), undone exactly on the gradients
+    unit = fp16_unit(g) if h.dtype == torch.float16 else None
+    if unit is not None:
         g = g * unit
-    if backward_mode() == "fused":
+    if mode == "vocab":
+        _vocab_bwd(h, w, bias, rows, y, lse, g, dh, dw, db, cfg, common, None if unit is None else 1.0 / unit)
+        return dh, dw, db
+    if mode == "fused":
         _fused_bwd(h, w, bias, rows, y, lse, g, dh, dw, db, cfg, common, filter_eps, deterministic)
     else:
         _products_bwd(h, w, bias, rows, y, lse, g, dh, dw, db, cfg, common)
@@ -299,13 +311,33 @@ def _products_bwd(h, w, bias, rows, y, lse, g, dh, dw, db, cfg, common):
         e = min(N, s + chunk)
         dl = dl_buf[: e - s]
         _dlogits_kernel[(triton.cdiv(e - s, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))](
-            h, w, bias, rows[s:e], y[s:e], lse[s:e], g[s:e], dl, **{**common, "N": e - s})
+            h, w, bias, rows[s:e], y[s:e], lse[s:e], g[s:e], dl, stride_dl=V, v_lo=0, **{**common, "N": e - s})
         if dh is not None:
             matmul_f32(dl, w, out=dh[s:e])                                    # [c, D]
         if dw is not None:
             matmul_f32(dl.t(), h.index_select(0, rows[s:e]), out=dw, accumulate=True)
         if db is not None:
             db += dl.sum(0, dtype=torch.float32)
+
+
+def _vocab_bwd(h, w, bias, rows, y, lse, g, dh, dw, db, cfg, common, scale):
+    """Vocabulary slices (the pattern of Megatron-LM's Hopper linear cross-entropy): per slice,
+    ``_dlogits_kernel`` recomputes the logits of all N scored tokens and writes dL [N, width]; then
+    dH += dL @ W_s in fp32 and dW_s = dL^T @ h[rows], one product over all tokens written once in the
+    weight dtype (``sliced_products``). Workspace, independent of V: dL (at most
+    max(VOCAB_SLICE_BYTES, N * BLOCK_V * itemsize)), h[rows] [N, D] in the input dtype, and dh."""
+    N = common["N"]
+    slices = vocab_slices(N, common["V"], h.element_size(), cfg.BLOCK_V)
+    flat = torch.empty(N * (slices[0][1] - slices[0][0]), dtype=h.dtype, device=h.device)
+    hs = h.index_select(0, rows) if dw is not None else None                  # [N, D]
+
+    def dl_slice(v0, v1):
+        dl = flat[: N * (v1 - v0)].view(N, v1 - v0)
+        _dlogits_kernel[(triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(v1 - v0, cfg.BLOCK_V))](
+            h, w, bias, rows, y, lse, g, dl, stride_dl=v1 - v0, v_lo=v0, **{**common, "V": v1})
+        return dl
+
+    sliced_products(slices, dl_slice, w, hs, dh=dh, dw=dw, db=db, scale=scale)
 
 
 def _fused_bwd(h, w, bias, rows, y, lse, g, dh, dw, db, cfg, common, filter_eps, deterministic):

@@ -1,4 +1,5 @@
 """linear_dpo_loss: hidden states -> loss, against the reference composed from materialized logits."""
+import numpy as np
 import pytest
 import torch
 from conftest import DTYPE_IDS, assert_no_worse_than_reference
@@ -20,8 +21,8 @@ def make_batch(B=3, T=23, D=37, V=101, seed=0):
     return hidden, weight, labels, ref
 
 
-def reference_linear_loss(hidden, weight, labels, ref, **kw):
-    logps = R.sequence_logps(hidden, weight, labels)
+def reference_linear_loss(hidden, weight, labels, ref, logp_kw=None, **kw):
+    logps = R.sequence_logps(hidden, weight, labels, **(logp_kw or {}))
     lengths = (labels != -100).sum(1).to(logps.dtype)
     pc, pr = logps.chunk(2)
     lc, lr = lengths.chunk(2)
@@ -97,3 +98,101 @@ def test_one_pass_path_matches_generic(loss_type, softcap, monkeypatch):
         monkeypatch.setattr(L, "tie", lambda *a: None)          # second round: the generic composition
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------ the one pass on the Triton path (interpreter)
+
+ONE_PASS_CASES = [("sigmoid", torch.float32), ("sigmoid", torch.bfloat16), ("sigmoid", torch.float16),
+                  ("ipo", torch.bfloat16), ("nca_pair", torch.bfloat16), ("simpo", torch.bfloat16),
+                  (["sigmoid", "bco_pair"], torch.bfloat16)]
+
+
+def one_pass_budget(monkeypatch, tokens=40, V=101):
+    """A chunk of at most `tokens` scored tokens: make_batch's pairs (18 to 36 tokens) one or two a chunk."""
+    from fastdpo.kernels import config
+    monkeypatch.setattr(config, "ONE_PASS_BYTES", tokens * V * 4)
+
+
+def triton_one_pass(h, w, y, r, **kw):
+    loss, metrics = L.linear_dpo_loss(h, w, y, *(r.chunk(2) if r is not None else (None, None)), backend="triton",
+                                      one_pass=True, **kw)
+    assert type(loss.grad_fn).__name__ == "FusedLinearDPOBackward"
+    return loss, metrics
+
+
+@pytest.mark.requires_triton
+@pytest.mark.parametrize("loss_type,dtype", ONE_PASS_CASES,
+                         ids=lambda c: DTYPE_IDS.get(c) if isinstance(c, torch.dtype) else "+".join(np.atleast_1d(c)))
+def test_triton_one_pass_matches_reference(loss_type, dtype, monkeypatch):
+    """Chunks of whole pairs (pair 0's rejected row fully ignored), any per-pair loss (nca_pair, bco_pair:
+    not tied), fp64 ground truth."""
+    one_pass_budget(monkeypatch)
+    hidden, weight, labels, ref = make_batch()
+    ref = None if loss_type == "simpo" else ref
+    kw = dict(beta=0.1, loss_type=loss_type, loss_weights=[1.0, 0.5] if isinstance(loss_type, list) else None)
+    rounded = [t.to(dtype).double() for t in (hidden, weight)]
+    truth = run(reference_linear_loss, *rounded, labels, ref, torch.float64, **kw)
+    same = run(reference_linear_loss, hidden, weight, labels, ref, dtype, **kw)
+    got = run(triton_one_pass, hidden, weight, labels, ref, dtype, **kw)
+    for name, f, s, t in zip(["loss", "d_hidden", "d_weight"], got[:3], same[:3], truth[:3]):
+        assert_no_worse_than_reference(f.reshape(-1), s.reshape(-1), t.reshape(-1), dtype, what=name)
+    for key in ("logps/chosen", "rewards/margins"):
+        torch.testing.assert_close(got[3][key].double(), truth[3][key], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.requires_triton
+@pytest.mark.parametrize("requires", [(True, True, True), (True, False, False), (False, True, False),
+                                      (False, False, True)], ids=["grad-hwb", "grad-h", "grad-w", "grad-b"])
+def test_triton_one_pass_with_bias_softcap_and_each_gradient(requires, monkeypatch):
+    one_pass_budget(monkeypatch)
+    hidden, weight, labels, ref = make_batch()
+    bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    logp_kw = dict(softcap=4.0, logit_scale=1.3, temperature=0.9)
+    dtype = torch.bfloat16
+
+    def grads(fn, inputs, dt):
+        h, w, b = (t.to(dt).detach().requires_grad_(r) for t, r in zip(inputs, requires))
+        loss, _ = fn(h, w, labels, b)
+        loss.backward()
+        return [loss.detach()] + [t.grad if r else None for t, r in zip((h, w, b), requires)]
+
+    def reference(h, w, y, b):
+        return reference_linear_loss(h, w, y, ref, logp_kw={**logp_kw, "bias": b}, beta=0.2)
+
+    def fused(h, w, y, b):
+        return triton_one_pass(h, w, y, ref, bias=b, beta=0.2, **logp_kw)
+
+    inputs = (hidden, weight, bias)
+    truth = grads(reference, [t.to(dtype).double() for t in inputs], torch.float64)
+    same, got = grads(reference, inputs, dtype), grads(fused, inputs, dtype)
+    for name, f, s, t in zip(["loss", "d_hidden", "d_weight", "d_bias"], got, same, truth):
+        if t is None:
+            assert f is None, name
+            continue
+        assert_no_worse_than_reference(f.reshape(-1), s.reshape(-1), t.reshape(-1), dtype, what=name)
+
+
+@pytest.mark.requires_triton
+def test_triton_one_pass_choice(monkeypatch):
+    """Off by default on the Triton path (FASTDPO_ONE_PASS), 'auto' falls back to sequence_logps + dpo_loss
+    when a pair does not fit a chunk, one_pass=True then says why, False never takes it."""
+    hidden, weight, labels, ref = make_batch()
+    h, w, (rc, rr) = hidden.float().requires_grad_(), weight.float().requires_grad_(), ref.float().chunk(2)
+
+    def kind(**kw):
+        loss, _ = L.linear_dpo_loss(h, w, labels, rc, rr, backend="triton", **kw)
+        return type(loss.grad_fn).__name__
+
+    one_pass_budget(monkeypatch)
+    assert kind() == "DPOLossFnBackward"
+    assert kind(one_pass="auto") == "FusedLinearDPOBackward"
+    assert kind(one_pass=False) == "DPOLossFnBackward"
+    monkeypatch.setenv("FASTDPO_ONE_PASS", "auto")
+    assert kind() == "FusedLinearDPOBackward"
+    assert kind(loss_type="sft") == "DPOLossFnBackward"            # couples the pairs of a batch
+    one_pass_budget(monkeypatch, tokens=30)                         # pairs of 36 tokens no longer fit
+    assert kind() == "DPOLossFnBackward"
+    with pytest.raises(ValueError, match="ONE_PASS_BYTES"):
+        kind(one_pass=True)
+    with pytest.raises(ValueError, match="one_pass must be"):
+        kind(one_pass="yes")

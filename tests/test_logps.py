@@ -282,3 +282,123 @@ def test_second_backward_with_retained_graph_gives_same_gradients(backend, softc
     out.sum().backward()
     torch.testing.assert_close(hidden.grad, first[0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(weight.grad, first[1], rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------ the vocabulary backward and the tiles forward (interpreter)
+
+# switches -> environment: FASTDPO_BWD=vocab alone, and with FASTDPO_FWD=tiles (16-bit inputs; fp32 keeps the kernel)
+NEW_PATHS = {"vocab": {"FASTDPO_BWD": "vocab"}, "tiles": {"FASTDPO_FWD": "tiles", "FASTDPO_BWD": "vocab"}}
+
+
+def set_path(monkeypatch, path):
+    for name, value in NEW_PATHS[path].items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.requires_triton
+@pytest.mark.parametrize("options", OPTIONS, ids=option_id)
+@pytest.mark.parametrize("path,dtype", [(p, d) for p in NEW_PATHS for d in DTYPES if (p, d) != ("tiles", torch.float32)],
+                         ids=lambda c: DTYPE_IDS.get(c, c))
+def test_new_paths_match_fp64_reference(path, dtype, options, device, monkeypatch):
+    """Odd sizes (several vocabulary slices and forward tiles, none full), a fully ignored row."""
+    set_path(monkeypatch, path)
+    seq, tok, (dh, *_) = check_against_reference("triton", dtype, SHAPES[1], options, masked_rows=(1,),
+                                                 filter_eps=None, device=device)
+    assert seq[1].item() == 0.0 and (dh[1] == 0).all()
+
+
+@pytest.mark.requires_triton
+@pytest.mark.parametrize("requires", [r for r in itertools.product([False, True], repeat=3) if any(r)],
+                         ids=lambda r: "grad-" + "".join("hwb"[i] for i in range(3) if r[i]))
+def test_new_paths_every_requires_grad_combination(requires, device, monkeypatch):
+    set_path(monkeypatch, "tiles")
+    check_against_reference("triton", torch.bfloat16, (2, 13, 20, 45), (True, None, 1.0, 1.0), requires=requires,
+                            device=device)
+
+
+@pytest.mark.requires_triton
+def test_vocab_backward_repeats_bitwise(device, monkeypatch):
+    set_path(monkeypatch, "vocab")
+    args = ("triton", torch.bfloat16, (2, 40, 33, 100), (True, 3.0, 1.0, 1.0))
+    first = check_against_reference(*args, device=device)
+    second = check_against_reference(*args, device=device)
+    assert all(torch.equal(a, b) for a, b in zip(first[2], second[2]))
+
+
+@pytest.mark.requires_triton
+def test_vocab_backward_with_nothing_scored(device, monkeypatch):
+    set_path(monkeypatch, "vocab")
+    hidden, weight, _, labels = make_inputs(2, 9, 16, 40, device=device)
+    h, w = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    fastdpo.sequence_logps(h, w, torch.full_like(labels, -100), backend="triton").sum().backward()
+    assert (h.grad == 0).all() and (w.grad == 0).all()
+
+
+@pytest.mark.requires_triton
+@pytest.mark.parametrize("upstream", [1e-4, 1e-5])
+def test_vocab_backward_small_upstream_gradients_keep_fp16_precision(upstream, device, monkeypatch):
+    test_small_upstream_gradients_keep_fp16_precision(upstream, "vocab", device, monkeypatch)
+
+
+# ------------------------------------------------ the chunk schedules, at the GPU's sizes, against PyTorch models
+
+def test_vocab_slices_partition_the_vocabulary_within_budget(monkeypatch):
+    from fastdpo.kernels import config
+    monkeypatch.setattr(config, "INTERPRETING", False)
+    for n, V, itemsize in ((12288, 128256, 2), (49152, 128256, 2), (6144, 256000, 2), (7, 50001, 4)):
+        slices = config.vocab_slices(n, V, itemsize, 256)
+        assert slices[0][0] == 0 and slices[-1][1] == V
+        assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+        width = slices[0][1] - slices[0][0]
+        assert n * width * itemsize <= max(config.VOCAB_SLICE_BYTES, n * 256 * itemsize)
+        assert width % 256 == 0 or len(slices) == 1
+
+
+def test_sliced_products_match_unsliced_products(monkeypatch):
+    """``sliced_products`` (the vocabulary backward's and the one pass's schedule) with a PyTorch dL,
+    float64, slice widths from the GPU's planner: dH, dW, db as one product over the whole vocabulary."""
+    from fastdpo.kernels import config
+    from fastdpo.kernels._matmul import sliced_products
+    monkeypatch.setattr(config, "INTERPRETING", False)
+    monkeypatch.setattr(config, "VOCAB_SLICE_BYTES", 37 * 256 * 8 * 3)
+    g = torch.Generator().manual_seed(0)
+    N, V, D = 37, 2000, 9
+    dl, w, hs = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((N, V), (V, D), (N, D)))
+    slices = config.vocab_slices(N, V, 8, 256)
+    assert len(slices) == 3
+    for accumulate, scale in ((False, None), (True, None), (True, torch.tensor(0.25, dtype=torch.float64))):
+        dh = torch.empty(N, D, dtype=torch.float64)
+        dw = torch.ones(V, D, dtype=torch.float64) if accumulate else torch.empty(V, D, dtype=torch.float64)
+        db = torch.zeros(V, dtype=torch.float64)
+        sliced_products(slices, lambda v0, v1: dl[:, v0:v1], w, hs, dh=dh, dw=dw, db=db, dw_accumulate=accumulate,
+                        scale=scale)
+        k = 1.0 if scale is None else scale.item()
+        torch.testing.assert_close(dh, k * dl @ w, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dw, k * dl.t() @ hs + (1.0 if accumulate else 0.0), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(db, k * dl.sum(0), rtol=1e-12, atol=1e-12)
+
+
+def test_forward_tiles_combine_to_the_whole_vocabulary(monkeypatch):
+    """The tiles forward's schedule with PyTorch folds, float64: per-tile logsumexp and target logit,
+    combined (``tiles.combine``), equal log-softmax over the whole vocabulary."""
+    from fastdpo.kernels import config
+    from fastdpo.kernels.tiles import combine
+    monkeypatch.setattr(config, "INTERPRETING", False)
+    assert config.forward_tiles(12288, 128256) == ([(0, 4096), (4096, 8192), (8192, 12288)],
+                                                  [(0, 32768), (32768, 65536), (65536, 98304), (98304, 128256)])
+    monkeypatch.setattr(config, "FWD_TILE_N", 64)
+    monkeypatch.setattr(config, "FWD_TILE_V", 96)
+    g = torch.Generator().manual_seed(0)
+    N, V = 150, 500
+    z, y = torch.randn(N, V, generator=g, dtype=torch.float64) * 4, torch.randint(0, V, (N,), generator=g)
+    token_tiles, vocab_tiles = config.forward_tiles(N, V)
+    lse_k, z_y = torch.empty(2, len(vocab_tiles), N, dtype=torch.float64)
+    for n0, n1 in token_tiles:
+        for k, (v0, v1) in enumerate(vocab_tiles):
+            tile = z[n0:n1, v0:v1]
+            lse_k[k, n0:n1] = tile.logsumexp(1)
+            inside = (y[n0:n1] >= v0) & (y[n0:n1] < v1)
+            z_y[k, n0:n1] = torch.where(inside, tile.gather(1, (y[n0:n1] - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0], 0)
+    logp, lse = combine(lse_k, z_y)
+    torch.testing.assert_close(lse, z.logsumexp(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logp, z.log_softmax(1).gather(1, y[:, None])[:, 0], rtol=1e-12, atol=1e-12)
