@@ -15,6 +15,7 @@ import random
 import shutil
 import signal
 import threading
+import time
 
 import numpy as np
 import torch
@@ -126,13 +127,14 @@ def layout_inputs(examples, idx, pad_id, cfg: TrainConfig, device):
 
 
 def pair_loss(policy, examples, idx, ref, pad_id, cfg: TrainConfig, device, return_logps=False):
-    """The DPO loss and metrics of examples[idx] (and the policy's log-probs [2b]): ``model_dpo_loss`` (or
-    ``model_pair_dpo_loss`` in the shared/packed layout)."""
-    kind, args, kwargs, _ = layout_inputs(examples, idx, pad_id, cfg, device)
+    """(loss, metrics, positions computed) of examples[idx], and the policy's log-probs [2b] before the count with
+    ``return_logps``: ``model_dpo_loss`` (or ``model_pair_dpo_loss`` in the shared/packed layout)."""
+    kind, args, kwargs, tokens = layout_inputs(examples, idx, pad_id, cfg, device)
     ref_pairs = ref[idx].to(device=device, dtype=torch.float32)
     fn = model_dpo_loss if kind == "plain" else model_pair_dpo_loss
-    return policy(fn, *args, ref_pairs[:, 0], ref_pairs[:, 1], **kwargs, beta=cfg.beta, loss_type=cfg.loss_type,
-                  return_logps=return_logps)
+    out = policy(fn, *args, ref_pairs[:, 0], ref_pairs[:, 1], **kwargs, beta=cfg.beta, loss_type=cfg.loss_type,
+                 return_logps=return_logps)
+    return (*out, tokens)
 
 
 def resolve_layout(cfg: TrainConfig, model) -> None:
@@ -171,7 +173,7 @@ def train_reference(policy, examples, pad_id, cfg: TrainConfig, dist: Dist, amp,
     for k in tqdm(range(-(-n // bs)), desc="reference log-probs", disable=not progress):
         idx = dist.shard(batch_indices(k, n, bs, cfg.seed))
         with amp():
-            _, _, logps = pair_loss(policy, examples, idx, zeros, pad_id, cfg, dist.device, return_logps=True)
+            _, _, logps, _ = pair_loss(policy, examples, idx, zeros, pad_id, cfg, dist.device, return_logps=True)
         index += idx
         rows.append(torch.stack(logps.double().chunk(2), 1).cpu())
     return dist.gather_rows(index, torch.cat(rows), n)
@@ -206,8 +208,8 @@ class PerStepReference:
         self.calls += 1
         zeros = torch.zeros(len(self.examples), 2, dtype=torch.float64)
         with torch.no_grad(), self.amp():
-            _, _, logps = pair_loss(self.policy, self.examples, idx, zeros, self.pad_id, self.cfg, self.device,
-                                    return_logps=True)
+            _, _, logps, _ = pair_loss(self.policy, self.examples, idx, zeros, self.pad_id, self.cfg, self.device,
+                                       return_logps=True)
         return torch.stack(logps.double().chunk(2), 1)
 
 
@@ -532,12 +534,13 @@ def train(cfg: TrainConfig) -> dict:
         bar = tqdm(range(start, cfg.steps), desc="training", disable=not (cfg.progress and dist.main), initial=start,
                    total=cfg.steps)
         for step in bar:
-            totals = {}
+            totals, tokens, started = {}, 0, time.perf_counter()
             for micro in range(cfg.grad_accum):
                 idx = batch_indices(step * cfg.grad_accum + micro, len(train_ex), cfg.batch_size, cfg.seed)
                 with amp():
-                    loss, metrics = pair_loss(policy, train_ex, dist.shard(idx), ref_train, pad, cfg, device)
+                    loss, metrics, n = pair_loss(policy, train_ex, dist.shard(idx), ref_train, pad, cfg, device)
                 scaler.scale(loss / cfg.grad_accum).backward()
+                tokens += n
                 for k, v in {"loss": loss, **metrics}.items():
                     totals[k] = totals.get(k, 0.0) + v.detach().float() / cfg.grad_accum
             dist.average_grads(params)
@@ -549,7 +552,9 @@ def train(cfg: TrainConfig) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             record = {"step": step + 1, "lr": scheduler.get_last_lr()[0],
-                      **{k: dist.mean_(v).item() for k, v in totals.items()}}
+                      **{k: dist.mean_(v).item() for k, v in totals.items()},
+                      # this process's wall time for the step and the positions its backbone computed (padding in)
+                      "step_time_s": time.perf_counter() - started, "tokens_computed": tokens}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 record.update(evaluate(policy, eval_ex, ref_eval, pad, cfg, device, amp))
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
