@@ -50,8 +50,10 @@ class TrainConfig:
     packing: Optional[bool] = opt(None, "several sequences per row, no padding inside a row (default: on where the "
                                         "model supports it)")
     prompt_cache: Optional[bool] = opt(None, "share the prompt through the key/value cache (prompt once, then both "
-                                             "replies as its continuations) instead of a custom attention mask; "
-                                             "needs --no-packing (default: off)")
+                                             "replies as its continuations) instead of a custom attention mask "
+                                             "(default: for micro-batches whose longest pair has 2048 tokens or "
+                                             "more, where it was measured faster; never with gradient "
+                                             "checkpointing); --prompt-cache needs --no-packing")
     # DPO
     beta: float = opt(0.1, "DPO beta", above=0.0)
     loss_type: str = opt("sigmoid", "any fastdpo.loss loss type (TRL's names, or simpo)")

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from .. import __version__
 from ..loss import dpo_loss
 from ..heads import supports_layout
-from ..layout import pack_pairs, prompt_cache_batch
+from ..layout import pack_pairs, prefers_prompt_cache, prompt_cache_batch
 from ..models import model_dpo_loss, model_pair_dpo_loss, model_pair_logps, model_sequence_logps, output_head
 from . import prefs, ref_cache
 from .config import TrainConfig
@@ -119,7 +119,10 @@ def layout_inputs(examples, idx, pad_id, cfg: TrainConfig, device):
         input_ids, mask, labels = (t.to(device) for t in prefs.collate(batch, pad_id))
         return "plain", (input_ids, labels), dict(attention_mask=mask), input_ids.numel()
     pairs = [(e.prompt, e.chosen, e.rejected) for e in batch]
-    if cfg.prompt_cache:
+    cache = cfg.prompt_cache
+    if cache is None:               # auto: where it was measured faster, and never under gradient checkpointing
+        cache = cfg.share_prompt and not cfg.gradient_checkpointing and prefers_prompt_cache(pairs)
+    if cache:
         packed = prompt_cache_batch(pairs, pad_id)
     else:
         packed = pack_pairs(pairs, pad_id, share_prompt=cfg.share_prompt, packing=cfg.packing)
@@ -138,8 +141,8 @@ def pair_loss(policy, examples, idx, ref, pad_id, cfg: TrainConfig, device, retu
 
 
 def resolve_layout(cfg: TrainConfig, model) -> None:
-    """--share-prompt / --packing / --prompt-cache: auto -> on where the model supports the layout (and, for the
-    prompt cache, where it was measured faster: long prompts, no packing, no gradient checkpointing)."""
+    """--share-prompt / --packing: auto -> on where the model supports the layout. --prompt-cache stays auto
+    (None) unless given: then each micro-batch whose pairs are long shares its prompts through the cache."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     supported = supports_layout(base)
     impl = getattr(base.config, "_attn_implementation", None) or "eager"
@@ -156,8 +159,6 @@ def resolve_layout(cfg: TrainConfig, model) -> None:
     if cfg.prompt_cache and (cfg.packing or cfg.gradient_checkpointing):
         raise ValueError("--prompt-cache needs --no-packing and no --gradient-checkpointing (the key/value cache "
                          "is off under checkpointing)")
-    if cfg.prompt_cache is None:
-        cfg.prompt_cache = False
 
 
 @torch.no_grad()
