@@ -463,3 +463,19 @@ def test_layout_flags_on_a_model_without_layout_support(tmp_path):
     cfg = config(tmp_path, "auto", **kw)
     trainer.train(cfg)                                      # auto: the plain layout
     assert (cfg.share_prompt, cfg.packing) == (False, False)
+
+
+def test_max_tokens_builds_micro_batches_by_a_token_budget(tmp_path):
+    cfg = config(tmp_path, steps=3, eval_every=0, save_every=0, max_tokens=400)
+    trainer.train(cfg)
+    with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
+        steps = [json.loads(line) for line in f if '"loss"' in line]
+    assert [s["step"] for s in steps] == [1, 2, 3] and all(s["tokens_computed"] <= 400 for s in steps)
+    shared = config(tmp_path, "x", max_tokens=400, share_prompt=True)
+    stream = trainer.MicroBatches([prefs.Example([1] * 10, [2] * 5, [3] * 5)] * 50, shared)   # 20 tokens a pair
+    assert [len(stream(k)) for k in range(4)] == [20, 20, 10, 20]       # epochs are not crossed
+    assert sorted(i for k in range(stream.first_epoch) for i in stream(k)) == list(range(50))
+    plain = config(tmp_path, "y", max_tokens=400, share_prompt=False, packing=False)
+    assert len(trainer.MicroBatches([prefs.Example([1] * 10, [2] * 5, [3] * 5)] * 50, plain)(0)) == 13
+    with pytest.raises(ValueError, match="--max-tokens 400: a training pair has 420 tokens"):
+        trainer.MicroBatches([prefs.Example([1] * 400, [2] * 10, [3] * 10)], shared)

@@ -60,6 +60,9 @@ class TrainConfig:
     # optimization
     steps: int = opt(200, "optimizer steps", at_least=1)
     batch_size: int = opt(16, "preference pairs per micro-batch (all processes together)", at_least=1)
+    max_tokens: Optional[int] = opt(None, "build micro-batches by a token budget instead of --batch-size: as many "
+                                          "pairs as fit this many tokens (without padding, in the run's layout)",
+                                    at_least=2)
     grad_accum: int = opt(1, "micro-batches per optimizer step", at_least=1)
     lr: Optional[float] = opt(None, "peak learning rate, AdamW (default: 1e-3 for the demo, 1e-6 with --model)",
                               above=0.0)
@@ -95,8 +98,8 @@ class TrainConfig:
 
     # the options that change what is computed: a resumed run must match them (steps may grow)
     RESUME_KEYS = ("model", "dataset", "eval_fraction", "torch_dtype", "attn_implementation", "max_length", "beta",
-                   "loss_type", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule",
-                   "max_grad_norm", "disable_dropout", "share_prompt", "packing", "prompt_cache", "seed", "lora_r",
+                   "loss_type", "batch_size", "max_tokens", "grad_accum", "lr", "weight_decay", "warmup_steps",
+                   "schedule", "max_grad_norm", "disable_dropout", "share_prompt", "packing", "prompt_cache", "seed", "lora_r",
                    "lora_alpha", "lora_dropout", "lora_target_modules")
 
 

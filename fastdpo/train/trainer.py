@@ -167,17 +167,17 @@ def train_reference(policy, examples, pad_id, cfg: TrainConfig, dist: Dist, amp,
     function on the same micro-batches (the first epoch's, each rank its shard)."""
     from tqdm.auto import tqdm
 
-    n, bs = len(examples), cfg.batch_size
-    zeros = torch.zeros(n, 2, dtype=torch.float64)
+    stream = MicroBatches(examples, cfg)
+    zeros = torch.zeros(len(examples), 2, dtype=torch.float64)
     index, rows = [], []
     policy.eval()
-    for k in tqdm(range(-(-n // bs)), desc="reference log-probs", disable=not progress):
-        idx = dist.shard(batch_indices(k, n, bs, cfg.seed))
+    for k in tqdm(range(stream.first_epoch), desc="reference log-probs", disable=not progress):
+        idx = dist.shard(stream(k))
         with amp():
             _, _, logps, _ = pair_loss(policy, examples, idx, zeros, pad_id, cfg, dist.device, return_logps=True)
         index += idx
         rows.append(torch.stack(logps.double().chunk(2), 1).cpu())
-    return dist.gather_rows(index, torch.cat(rows), n)
+    return dist.gather_rows(index, torch.cat(rows), len(examples))
 
 
 @torch.no_grad()
@@ -254,6 +254,51 @@ def batch_indices(k: int, n: int, batch_size: int, seed: int) -> list:
         out += take
         pos += len(take)
     return out
+
+
+class MicroBatches:
+    """Micro-batch k of the training stream, a pure function of k (exact resume): ``batch_size`` pairs of the
+    seeded per-epoch permutations, or with --max-tokens as many consecutive pairs of an epoch's permutation as fit
+    the token budget (counted without padding, in the run's layout)."""
+
+    def __init__(self, examples, cfg: TrainConfig):
+        self.n, self.cfg = len(examples), cfg
+        self.sizes = None
+        if cfg.max_tokens:
+            self.sizes = [len(e.prompt) * (1 if cfg.share_prompt else 2) + len(e.chosen) + len(e.rejected)
+                          for e in examples]
+            if max(self.sizes) > cfg.max_tokens:
+                raise ValueError(f"--max-tokens {cfg.max_tokens}: a training pair has {max(self.sizes)} tokens "
+                                 "in this layout; raise it (or lower --max-length)")
+        self._epochs = []
+
+    def _epoch(self, e: int) -> list:
+        while len(self._epochs) <= e:
+            seed = self.cfg.seed * 100003 + len(self._epochs)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)).tolist()
+            batches, used = [[]], 0
+            for i in perm:
+                if batches[-1] and used + self.sizes[i] > self.cfg.max_tokens:
+                    batches.append([])
+                    used = 0
+                batches[-1].append(i)
+                used += self.sizes[i]
+            self._epochs.append(batches)
+        return self._epochs[e]
+
+    def __call__(self, k: int) -> list:
+        if self.sizes is None:
+            return batch_indices(k, self.n, self.cfg.batch_size, self.cfg.seed)
+        e = 0
+        while k >= len(self._epoch(e)):
+            k -= len(self._epoch(e))
+            e += 1
+        return self._epoch(e)[k]
+
+    @property
+    def first_epoch(self) -> int:
+        """The number of micro-batches that cover every pair at least once: the first epoch's."""
+        return -(-self.n // self.cfg.batch_size) if self.sizes is None else len(self._epoch(0))
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -481,6 +526,9 @@ def train(cfg: TrainConfig) -> dict:
         out = check_output_dir(cfg, dist.world)
         device = dist.device
         dtype = compute_dtype(cfg, device)
+        if cfg.max_tokens and dist.world > 1:
+            raise ValueError("--max-tokens with several processes is not supported (the ranks' shares of a "
+                             "micro-batch would differ); use --batch-size")
         if dtype == torch.float16 and dist.fsdp:
             raise ValueError("--torch-dtype float16 with --fsdp is not supported (loss scaling of sharded "
                              "gradients); use bfloat16")
@@ -501,6 +549,7 @@ def train(cfg: TrainConfig) -> dict:
         train_ex = prefs.tokenize(train_pairs, tokenizer, cfg.max_length, "train")
         eval_ex = prefs.tokenize(eval_pairs, tokenizer, cfg.max_length, "eval")
         pad = tokenizer.pad_token_id
+        stream = MicroBatches(train_ex, cfg)       # a pair over --max-tokens fails here
         start_run(cfg, dist.main)
         digest = dist.from_main(ref_cache.model_digest(model) if dist.main else None)
         policy = dist.wrap(ref_cache.Policy(model))    # on the device; with --fsdp sharded across the ranks
@@ -511,7 +560,7 @@ def train(cfg: TrainConfig) -> dict:
                         device=device.type, dtype=str(dtype), world=dist.world, fsdp=dist.fsdp,
                         attn=getattr(model.config, "_attn_implementation", None), pad=pad,
                         batch_size=cfg.batch_size, share_prompt=cfg.share_prompt, packing=cfg.packing,
-                        prompt_cache=cfg.prompt_cache)
+                        prompt_cache=cfg.prompt_cache, max_tokens=cfg.max_tokens)
         ref_train = reference_logps("train", policy, train_ex, pad, digest,
                                     {**settings, "seed": cfg.seed, "loss_type": cfg.loss_type}, cfg, dist, amp)
         ref_eval = reference_logps("eval", policy, eval_ex, pad, digest, settings, cfg, dist, amp)
@@ -537,7 +586,7 @@ def train(cfg: TrainConfig) -> dict:
         for step in bar:
             totals, tokens, started = {}, 0, time.perf_counter()
             for micro in range(cfg.grad_accum):
-                idx = batch_indices(step * cfg.grad_accum + micro, len(train_ex), cfg.batch_size, cfg.seed)
+                idx = stream(step * cfg.grad_accum + micro)
                 with amp():
                     loss, metrics, n = pair_loss(policy, train_ex, dist.shard(idx), ref_train, pad, cfg, device)
                 scaler.scale(loss / cfg.grad_accum).backward()
