@@ -73,6 +73,18 @@ BAD_FLAGS = [
     (["--loss-type", "nope"], "--loss-type 'nope': unknown loss_type"),
     (["--loss-type", "exo_pair"], "--loss-type 'exo_pair': label_smoothing must lie in (0, 1)"),
     (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
+    (["--loss-weights", "a,b"], "--loss-weights must be comma-separated numbers, got 'a,b'"),
+    (["--loss-type", "sigmoid,ipo", "--loss-weights", "1"], "loss_weights has 1 entries but loss_type has 2"),
+    (["--f-divergence-type", "wasserstein"], "unknown f_divergence_type 'wasserstein'"),
+    (["--loss-type", "robust", "--label-smoothing", "0.7"], "label_smoothing must lie in [0, 0.5)"),
+    (["--reference-free", "--loss-type", "bco_pair"], "--reference-free: loss_type bco_pair needs a reference"),
+    (["--reference-free", "--ref-model", "org/ref"], "--reference-free: --ref-model gives a reference"),
+    (["--report-to", "wandb"], "--report-to wandb needs the wandb package"),
+    (["--report-to", "none,tensorboard"], "--report-to must be none, tensorboard, wandb"),
+    (["--logging-steps", "0"], "--logging-steps must be an integer >= 1"),
+    (["--save-total-limit", "0"], "--save-total-limit must be an integer >= 1"),
+    (["--dataset-split", "test"], "--dataset-config/--dataset-split apply to a Hugging Face or saved --dataset"),
+    (["--resume", "/nowhere/checkpoint-3"], "--resume '/nowhere/checkpoint-3': not a checkpoint directory"),
     (["--attn-implementation", "flash_attention_2"], "--attn-implementation 'flash_attention_2': the demo model"),
 ]
 
@@ -126,7 +138,8 @@ def test_bad_yaml(tmp_path, capsys):
              "learning_rate: 1e-4\n": "unknown option 'learning_rate'",
              "- 1\n- 2\n": "expected a mapping of option: value",
              "steps: [1\n": "not valid YAML at line",
-             "resume: maybe\n": "--resume must be true or false, got 'maybe'"}
+             "resume: maybe\n": "--resume 'maybe': not a checkpoint directory",
+             "report_to: mlflow\n": "--report-to must be none, tensorboard, wandb"}
     for i, (text, culprit) in enumerate(cases.items()):
         y = tmp_path / f"c{i}.yaml"
         y.write_text(text)
@@ -203,8 +216,8 @@ def test_resume_may_raise_steps_and_compares_resolved_paths(tmp_path, capsys, mo
     common = ["--batch-size", "4", "--eval-every", "0", "--save-every", "0", "--warmup-steps", "1"]
     assert run(tmp_path, capsys, "--dataset", "d.jsonl", "--steps", "3", *common, out="a")[0] == 0
     assert run(tmp_path, capsys, "--dataset", "./d.jsonl", "--steps", "5", *common, "--resume", out="a")[0] == 0
-    steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-             if "loss" in line]
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
     assert steps == [1, 2, 3, 4, 5]
     code, err = run(tmp_path, capsys, "--dataset", str(tmp_path / "d.jsonl"), "--steps", "5", *common, "--resume",
                     out="a")
@@ -296,8 +309,8 @@ def test_interrupt_writes_a_checkpoint_and_resume_continues_bitwise(tmp_path, si
     assert "Traceback" not in err and len(lines) == 1, err[-2000:]
     assert lines[0].startswith(f"fastdpo train: {sig.name} at step ") and "continue with --resume" in lines[0]
     stopped = int(lines[0].split(" at step ")[1].split(":")[0])
-    state = torch.load(tmp_path / "cut" / "checkpoint" / "state.pt", weights_only=False)
-    assert state["step"] == stopped >= 3
+    with open(tmp_path / "cut" / f"checkpoint-{stopped}" / "trainer_state.json") as f:
+        assert json.load(f)["global_step"] == stopped >= 3
     if sig == signal.SIGTERM:
         return
     resumed = subprocess.run([sys.executable, "-m", "fastdpo", "train", "--output-dir", str(tmp_path / "cut"),

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from fastdpo.train import cli, prefs, ref_cache, trainer
+from fastdpo.train import cli, prefs, ref_cache, runs, trainer
+from fastdpo.train.reporting import Reporter
 from fastdpo.train.config import TrainConfig, build
 
 pytest.importorskip("datasets")
@@ -27,8 +28,8 @@ def losses(out):
 def test_default_run_shortened_learns_and_writes_the_run_directory(tmp_path):
     cfg = config(tmp_path, steps=30, batch_size=16, eval_every=15, save_every=0, warmup_steps=5)
     summary = trainer.train(cfg)
-    assert summary["after"]["eval/accuracy"] >= 0.9
-    assert summary["after"]["eval/margin"] > summary["before"]["eval/margin"]
+    assert summary["after"]["eval_rewards/accuracies"] >= 0.9
+    assert summary["after"]["eval_rewards/margins"] > summary["before"]["eval_rewards/margins"]
     out = cfg.output_dir
     for name in ("metrics.jsonl", "training.png", "config.json", "summary.json", "model/config.json",
                  "model/tokenizer.json"):
@@ -63,28 +64,48 @@ def test_first_step_margins_are_exactly_zero(tmp_path):
     trainer.train(cfg)
     with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
         before, step1 = [json.loads(line) for line in f][:2]
-    assert before == {"step": 0, "eval/accuracy": 0.0, "eval/margin": 0.0}
+    assert before["step"] == 0 and before["eval_rewards/accuracies"] == before["eval_rewards/margins"] == 0.0
+    assert before["eval_rewards/chosen"] == before["eval_rewards/rejected"] == 0.0
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert step1[key] == 0.0, key
     assert step1["loss"] == pytest.approx(0.6931471805599453, rel=1e-6)
 
 
 def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """Killed after step 5 (the last checkpoint is checkpoint-3): --resume gives the uninterrupted run's losses,
+    metrics.jsonl is rewritten from the checkpoint's log history, and nothing is unpickled."""
     trainer.train(config(tmp_path, "straight"))
-    interrupted = config(tmp_path, "interrupted")
-    real_log = trainer.log
+    interrupted = config(tmp_path, "interrupted", save_total_limit=1)
+    real_train = Reporter.train
 
-    def log_then_die(out, record, board=None):
-        real_log(out, record, board)
-        if record.get("step") == 5 and "loss" in record:
-            raise KeyboardInterrupt            # killed after step 5; the last checkpoint is step 3
-    monkeypatch.setattr(trainer, "log", log_then_die)
+    def log_then_die(self, record, last):
+        real_train(self, record, last)
+        if record["step"] == 5:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(Reporter, "train", log_then_die)
     with pytest.raises(KeyboardInterrupt):
         trainer.train(interrupted)
-    monkeypatch.setattr(trainer, "log", real_log)
+    monkeypatch.setattr(Reporter, "train", real_train)
+    assert [os.path.basename(p) for _, p in runs.checkpoints(interrupted.output_dir)] == ["checkpoint-3"]
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: real_load(*a, **{**kw, "weights_only": True}))
     trainer.train(config(tmp_path, "interrupted", resume=True))
     assert losses(str(tmp_path / "straight")) == losses(interrupted.output_dir)
     assert [s for s, _ in losses(interrupted.output_dir)] == [1, 2, 3, 4, 5, 6]
+    with open(os.path.join(interrupted.output_dir, "checkpoint-6", "trainer_state.json")) as f:
+        state = json.load(f)
+    assert state["global_step"] == 6 and [r["step"] for r in state["log_history"] if "loss" in r] == list(range(1, 7))
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pt", "config.json"):
+        assert os.path.exists(os.path.join(interrupted.output_dir, "checkpoint-6", name)), name
+
+
+def test_old_checkpoint_format_gets_a_clear_message(tmp_path):
+    out = tmp_path / "old"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "state.pt").write_bytes(b"pickle")
+    (out / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="checkpoint of fastdpo 0.1 .* no longer loaded"):
+        trainer.train(config(tmp_path, "old", resume=True))
 
 
 def test_corrupt_or_foreign_cache_is_recomputed(tmp_path):
@@ -195,7 +216,7 @@ def test_lora_reference_is_the_base_model_and_only_adapters_train(tmp_path):
     trainer.train(config(tmp_path, "plain", steps=1, eval_every=0, save_every=0))
     plain_refs = cached_reference_tensors(str(tmp_path / "cache"))
     lora_cache = str(tmp_path / "lora-cache")
-    cfg = config(tmp_path, "lora", steps=3, eval_every=0, save_every=0, lora_r=4, tensorboard=True,
+    cfg = config(tmp_path, "lora", steps=3, eval_every=0, save_every=0, lora_r=4, report_to="tensorboard",
                  cache_dir=lora_cache)
     trainer.train(cfg)
     for a, b in zip(plain_refs, cached_reference_tensors(lora_cache)):   # adapters disabled == base model
@@ -419,8 +440,9 @@ def test_low_precision_compute_keeps_float32_master_weights(tmp_path):
     trainer.train(cfg)
     from transformers import AutoModelForCausalLM
     trained = AutoModelForCausalLM.from_pretrained(os.path.join(cfg.output_dir, "model"))
-    state = torch.load(os.path.join(cfg.output_dir, "checkpoint", "state.pt"), weights_only=False)
-    assert all(t.dtype == torch.float32 for t in state["model"].values())
+    from safetensors.torch import load_file
+    state = load_file(os.path.join(cfg.output_dir, "checkpoint-2", "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in state.values())
     start = trainer.load_model(cfg, prefs.load_pairs(None, 0.1, 0)[0])[1]
     # every lm_head entry gets a gradient (through the softmax): with bf16 weights most of the updates vanish
     moved = (trained.lm_head.weight != start.lm_head.weight).float().mean().item()
@@ -479,3 +501,60 @@ def test_max_tokens_builds_micro_batches_by_a_token_budget(tmp_path):
     assert len(trainer.MicroBatches([prefs.Example([1] * 10, [2] * 5, [3] * 5)] * 50, plain)(0)) == 13
     with pytest.raises(ValueError, match="--max-tokens 400: a training pair has 420 tokens"):
         trainer.MicroBatches([prefs.Example([1] * 400, [2] * 10, [3] * 10)], shared)
+
+
+def small_data(tmp_path, name="d.jsonl", n=24, offset=0):
+    rows = [{"prompt": f"where is order {i}?", "chosen": f" Order {i} ships today.", "rejected": " No idea."}
+            for i in range(offset, offset + n)]
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def records(out, key):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if key in r]
+
+
+def test_trl_named_options_and_metrics(tmp_path):
+    """--loss-type list + --loss-weights + --label-smoothing, --eval-dataset, --logging-steps: TRL's metric names
+    (learning_rate, grad_norm, epoch, num_tokens, eval_loss, eval_rewards/...)."""
+    cfg = config(tmp_path, dataset=small_data(tmp_path), eval_dataset=small_data(tmp_path, "e.jsonl", 5, 100),
+                 steps=4, batch_size=4, eval_every=2, save_every=0, logging_steps=2, warmup_steps=0,
+                 loss_type="robust,sft", loss_weights="1,0.5", label_smoothing=0.1)
+    summary = trainer.train(cfg)
+    assert (summary["train_examples"], summary["eval_examples"]) == (24, 5)
+    train = records(cfg.output_dir, "loss")
+    assert [r["step"] for r in train] == [2, 4]                       # every 2 steps
+    for key in ("epoch", "learning_rate", "grad_norm", "num_tokens", "rewards/margins", "logps/chosen"):
+        assert key in train[0], key
+    assert train[1]["num_tokens"] > train[0]["num_tokens"] > 0 and train[1]["epoch"] == pytest.approx(16 / 24)
+    evals = records(cfg.output_dir, "eval_loss")
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert {"eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen"} <= set(evals[0])
+
+
+def test_reference_free_and_ref_model(tmp_path):
+    from families import tiny
+    from fastdpo.train.tokenizer import trained_tokenizer
+    data = small_data(tmp_path)
+    free = config(tmp_path, "free", dataset=data, steps=1, batch_size=4, eval_every=0, save_every=0,
+                  reference_free=True)
+    trainer.train(free)
+    assert not os.path.exists(free.cache_dir) or not [f for f in os.listdir(free.cache_dir) if "ref-logps" in f]
+    step1 = records(free.output_dir, "loss")[0]
+    assert step1["rewards/chosen"] == pytest.approx(0.1 * step1["logps/chosen"], rel=1e-5)   # against log-prob 0
+    pairs, _ = prefs.load_pairs(data, 0.1, 0)
+    tok = trained_tokenizer(pairs, 300, str(tmp_path / "tok"))
+    for seed, name in ((0, "policy"), (1, "ref")):
+        m = tiny("llama", seed=seed, vocab=len(tok))
+        m.save_pretrained(str(tmp_path / name))
+        tok.save_pretrained(str(tmp_path / name))
+    kw = dict(dataset=data, model=str(tmp_path / "policy"), steps=1, batch_size=4, eval_every=0, save_every=0,
+              max_length=64, lr=1e-3)
+    other = config(tmp_path, "other-ref", ref_model=str(tmp_path / "ref"), **kw)
+    trainer.train(other)
+    assert records(other.output_dir, "loss")[0]["rewards/margins"] != 0.0     # not the policy's own log-probs
+    same = config(tmp_path, "self-ref", ref_model=str(tmp_path / "policy"), **kw)
+    trainer.train(same)
+    assert records(same.output_dir, "loss")[0]["rewards/margins"] == 0.0

@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         text = f.metadata["help"] + _default_text(name)
         if kind is bool:
             t.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif f.metadata["const"] is not None:
+            t.add_argument(flag(name), nargs="?", const=f.metadata["const"], default=None, metavar="PATH", help=text)
         else:       # raw strings: config.coerce checks flags and YAML values alike
             t.add_argument(flag(name), default=None, metavar=name.upper(), help=text)
     return p
@@ -115,8 +117,8 @@ def main(argv=None) -> int:
     b, a = summary["before"], summary["after"]
     print(f"\n{summary['train_examples']} train / {summary['eval_examples']} eval pairs")
     if b:
-        print(f"eval reward accuracy {b['eval/accuracy']:.3f} -> {a['eval/accuracy']:.3f}; "
-              f"margin {b['eval/margin']:.3f} -> {a['eval/margin']:.3f}")
+        print(f"eval reward accuracy {b['eval_rewards/accuracies']:.3f} -> {a['eval_rewards/accuracies']:.3f}; "
+              f"margin {b['eval_rewards/margins']:.3f} -> {a['eval_rewards/margins']:.3f}")
     print(f"run directory: {cfg.output_dir} (metrics.jsonl, {summary['plot']}, model/)")
     return 0
 

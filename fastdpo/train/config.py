@@ -17,10 +17,11 @@ class ConfigError(ValueError):
     """A bad option: the message names it and says what is allowed."""
 
 
-def opt(default, help: str, *, choices=None, at_least=None, above=None, below=None):
-    """A field with its help text and rules: ``at_least`` (inclusive), ``above``/``below`` (exclusive)."""
+def opt(default, help: str, *, choices=None, at_least=None, above=None, below=None, const=None):
+    """A field with its help text and rules: ``at_least`` (inclusive), ``above``/``below`` (exclusive); ``const``:
+    the value of the bare flag (and of YAML ``true``) for a string option that may also be given a value."""
     return field(default=default, metadata=dict(help=help, choices=choices, at_least=at_least, above=above,
-                                                below=below))
+                                                below=below, const=const))
 
 
 # Defaults that depend on what is trained: the demo's own settings, or TRL's DPOConfig defaults with --model.
@@ -35,10 +36,21 @@ class TrainConfig:
     # what to train on
     model: Optional[str] = opt(None, "Hugging Face causal LM (hub name or local directory); default: a small "
                                      "Llama built from a config, randomly initialized with --seed")
+    ref_model: Optional[str] = opt(None, "the reference model, if not the initial policy (hub name or directory): "
+                                         "its log-probs are computed once and cached, the model is not kept")
+    reference_free: bool = opt(False, "no reference: its log-probs count as 0 (TRL's reference_free)")
+    tokenizer: Optional[str] = opt(None, "tokenizer (hub name or directory), if not --model's")
+    trust_remote_code: bool = opt(False, "let --model/--ref-model/--tokenizer run their own code (fastdpo still "
+                                         "refuses model classes whose output head it does not know)")
     dataset: Optional[str] = opt(None, "preference data: a local .jsonl/.json (optionally .gz), .parquet or .csv "
                                        "file, a saved dataset directory, or a Hugging Face dataset name, in TRL's "
                                        "formats; default: the bundled customer-support pairs")
-    eval_fraction: float = opt(0.1, "held-out share when the data has no eval split", above=0.0, below=1.0)
+    dataset_config: Optional[str] = opt(None, "configuration (subset) of a Hugging Face --dataset")
+    dataset_split: str = opt("train", "split of a Hugging Face or saved --dataset to train on")
+    eval_dataset: Optional[str] = opt(None, "held-out preference data (same formats as --dataset); default: the "
+                                            "dataset's eval/validation/test split or --eval-fraction of it")
+    eval_fraction: float = opt(0.1, "held-out share when there is no eval split or --eval-dataset", above=0.0,
+                               below=1.0)
     torch_dtype: str = opt("auto", "compute dtype (autocast); weights and optimizer state stay float32. auto: "
                                    "bfloat16 on CUDA, float32 elsewhere", choices=DTYPES)
     attn_implementation: Optional[str] = opt(None, "attention implementation (e.g. sdpa, eager)")
@@ -56,7 +68,12 @@ class TrainConfig:
                                              "checkpointing); --prompt-cache needs --no-packing")
     # DPO
     beta: float = opt(0.1, "DPO beta", above=0.0)
-    loss_type: str = opt("sigmoid", "any fastdpo.loss loss type (TRL's names, or simpo)")
+    loss_type: str = opt("sigmoid", "fastdpo.loss loss type (TRL's names, or simpo), or several, comma-separated")
+    loss_weights: Optional[str] = opt(None, "comma-separated weights, one per --loss-type (default: 1 each)")
+    label_smoothing: float = opt(0.0, "label smoothing (robust, exo_pair, ...; as TRL)", at_least=0.0)
+    f_divergence_type: str = opt("reverse_kl", "f-divergence of the DPO score (reverse_kl, forward_kl, "
+                                               "js_divergence, alpha_divergence)")
+    f_alpha_divergence_coef: float = opt(0.5, "alpha of alpha_divergence")
     # optimization
     steps: int = opt(200, "optimizer steps", at_least=1)
     batch_size: int = opt(16, "preference pairs per micro-batch (all processes together)", at_least=1)
@@ -87,17 +104,31 @@ class TrainConfig:
                                  "--resume)")
     eval_every: int = opt(50, "evaluate every N steps (0: only before and after)", at_least=0)
     save_every: int = opt(100, "checkpoint every N steps (0: only at the end or when interrupted)", at_least=0)
-    resume: bool = opt(False, "continue the run in --output-dir from its last checkpoint (same config; --steps "
-                              "may be raised)")
+    resume: Optional[str] = opt(None, "continue the run in --output-dir from its newest checkpoint-N, or from the "
+                                      "checkpoint directory given (same config; --steps may be raised)",
+                                const="latest")
     cache_dir: Optional[str] = opt(None, "reference log-prob and tokenizer cache (default: ~/.cache/fastdpo)")
+    save_total_limit: Optional[int] = opt(None, "keep only the newest N checkpoint-* directories", at_least=1)
+    logging_steps: int = opt(1, "log the training metrics every N steps (each value averaged over them)",
+                             at_least=1)
+    report_to: str = opt("none", "also log to: none, tensorboard, wandb (offline), or a comma-separated list")
     progress: bool = opt(True, "progress bars")
-    tensorboard: bool = opt(False, "also log to TensorBoard (output_dir/tensorboard)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def loss_options(self) -> dict:
+        """The fastdpo.loss options of this run."""
+        types = [t.strip() for t in self.loss_type.split(",")]
+        weights = None if self.loss_weights is None else [float(w) for w in self.loss_weights.split(",")]
+        return dict(beta=self.beta, loss_type=types[0] if len(types) == 1 else types, loss_weights=weights,
+                    label_smoothing=self.label_smoothing, f_divergence_type=self.f_divergence_type,
+                    f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+
     # the options that change what is computed: a resumed run must match them (steps may grow)
-    RESUME_KEYS = ("model", "dataset", "eval_fraction", "torch_dtype", "attn_implementation", "max_length", "beta",
+    RESUME_KEYS = ("model", "ref_model", "reference_free", "tokenizer", "dataset", "dataset_config", "dataset_split",
+                   "eval_dataset", "eval_fraction", "loss_weights", "label_smoothing", "f_divergence_type",
+                   "f_alpha_divergence_coef", "torch_dtype", "attn_implementation", "max_length", "beta",
                    "loss_type", "batch_size", "max_tokens", "grad_accum", "lr", "weight_decay", "warmup_steps",
                    "schedule", "max_grad_norm", "disable_dropout", "share_prompt", "packing", "prompt_cache", "seed", "lora_r",
                    "lora_alpha", "lora_dropout", "lora_target_modules")
@@ -135,6 +166,8 @@ def coerce(name: str, value):
     its rules. Raises ConfigError naming the option."""
     kind, optional = kind_of(name)
     meta = FIELDS[name].metadata
+    if meta["const"] is not None and isinstance(value, bool):
+        return meta["const"] if value else None
     if value is None:
         if optional:
             return None
@@ -197,14 +230,34 @@ def build(options: dict, given: set) -> TrainConfig:
         raise ConfigError("--resume and --overwrite contradict each other: continue the run or replace it")
     if cfg.attn_implementation is not None and cfg.model is None and cfg.attn_implementation not in ("eager", "sdpa"):
         raise ConfigError(f"--attn-implementation {cfg.attn_implementation!r}: the demo model runs eager or sdpa")
-    from ..loss import LOSS_DEFAULTS, make_params
+    from ..loss import LOSS_DEFAULTS, REFERENCE_FREE_LOSSES, make_params
     try:
-        make_params(cfg.loss_type, None, cfg.beta, LOSS_DEFAULTS["label_smoothing"],
-                    LOSS_DEFAULTS["f_divergence_type"], LOSS_DEFAULTS["f_alpha_divergence_coef"],
-                    LOSS_DEFAULTS["gamma"], LOSS_DEFAULTS["discopop_tau"])
+        o = cfg.loss_options()
+    except ValueError:
+        raise ConfigError(f"--loss-weights must be comma-separated numbers, got {cfg.loss_weights!r}") from None
+    try:
+        make_params(o["loss_type"], o["loss_weights"], cfg.beta, cfg.label_smoothing, cfg.f_divergence_type,
+                    cfg.f_alpha_divergence_coef, LOSS_DEFAULTS["gamma"], LOSS_DEFAULTS["discopop_tau"])
     except ValueError as e:
         raise ConfigError(f"--loss-type {cfg.loss_type!r}: {e}") from None
-    cfg.model, cfg.dataset = resolve_path(cfg.model), resolve_path(cfg.dataset)
+    if cfg.reference_free:
+        need = [t for t in cfg.loss_type.split(",") if t.strip() not in REFERENCE_FREE_LOSSES]
+        if need or cfg.ref_model is not None:
+            raise ConfigError(f"--reference-free: {'--ref-model gives a reference' if not need else ''}"
+                              f"{'loss_type ' + ', '.join(need) + ' needs a reference' if need else ''}")
+    reports = [r.strip() for r in cfg.report_to.split(",")]
+    unknown = [r for r in reports if r not in ("none", "tensorboard", "wandb")]
+    if unknown or ("none" in reports and len(reports) > 1):
+        raise ConfigError(f"--report-to must be none, tensorboard, wandb or a comma-separated list of the last two, "
+                          f"got {cfg.report_to!r}")
+    import importlib.util
+    for report, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if report in reports and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"--report-to {report} needs the {package} package (pip install {package})")
+    if cfg.dataset is None and ({"dataset_config", "dataset_split"} & given):
+        raise ConfigError("--dataset-config/--dataset-split apply to a Hugging Face or saved --dataset")
+    for name in ("model", "ref_model", "tokenizer", "dataset", "eval_dataset"):
+        setattr(cfg, name, resolve_path(getattr(cfg, name)))
     cfg.output_dir = os.path.abspath(os.path.expanduser(cfg.output_dir))
     if cfg.cache_dir is not None:
         cfg.cache_dir = os.path.abspath(os.path.expanduser(cfg.cache_dir))

@@ -100,26 +100,27 @@ def _read_table(kind: str, path: str):
     return [(dict(r), f"{path} row {i}") for i, r in enumerate(data)]
 
 
-def _read_splits(data, name: str):
-    """A datasets DatasetDict (hub name, saved directory) -> (train rows, eval rows or None)."""
+def _read_splits(data, name: str, split: str = "train"):
+    """A datasets DatasetDict (hub name, saved directory) -> (rows of ``split``, eval rows or None)."""
     import datasets
     if isinstance(data, datasets.Dataset):
         return [(dict(r), f"{name} row {i}") for i, r in enumerate(data)], None
-    if "train" not in data:
-        raise DataError(f"--dataset {name!r} has no 'train' split (splits: {sorted(data)})")
-    evals = next((s for s in EVAL_SPLITS if s in data), None)
-    train = [(dict(r), f"{name} train row {i}") for i, r in enumerate(data["train"])]
+    if split not in data:
+        raise DataError(f"--dataset {name!r} has no {split!r} split (splits: {sorted(data)}); see --dataset-split")
+    evals = next((s for s in EVAL_SPLITS if s in data and s != split), None)
+    train = [(dict(r), f"{name} {split} row {i}") for i, r in enumerate(data[split])]
     held = None if evals is None else [(dict(r), f"{name} {evals} row {i}") for i, r in enumerate(data[evals])]
     return train, held
 
 
-def read_rows(dataset):
-    """(train rows, eval rows or None), each row (dict, where) with ``where`` naming its file and line."""
+def read_rows(dataset, config=None, split="train", flag="--dataset"):
+    """(train rows, eval rows or None), each row (dict, where) with ``where`` naming its file and line. ``config``
+    and ``split`` select a Hugging Face dataset's subset and split."""
     path = dataset or bundled_path()
     kind = _file_type(path)
     if os.path.isfile(path):
         if kind is None:
-            raise DataError(f"--dataset {path!r}: unsupported file type; use {', '.join(FILE_TYPES)}")
+            raise DataError(f"{flag} {path!r}: unsupported file type; use {', '.join(FILE_TYPES)}")
         if kind == "jsonl":
             try:
                 with _open_text(path) as f:
@@ -131,19 +132,19 @@ def read_rows(dataset):
     if os.path.isdir(path):
         saved = any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
         try:
-            data = datasets.load_from_disk(path) if saved else datasets.load_dataset(path)
+            data = datasets.load_from_disk(path) if saved else datasets.load_dataset(path, config)
         except Exception as e:
-            raise DataError(f"--dataset {path!r}: cannot load the directory ({str(e).strip().splitlines()[0]})") \
+            raise DataError(f"{flag} {path!r}: cannot load the directory ({str(e).strip().splitlines()[0]})") \
                 from None
-        return _read_splits(data, path)
+        return _read_splits(data, path, split)
     if kind is not None or os.path.isabs(path) or path.startswith((".", "~")) or not HUB_NAME.match(path):
-        raise DataError(f"--dataset {path!r}: no such file")
+        raise DataError(f"{flag} {path!r}: no such file")
     try:
-        data = datasets.load_dataset(path)
+        data = datasets.load_dataset(path, config)
     except Exception as e:
-        raise DataError(f"--dataset {path!r}: not a local file, and loading it from the Hugging Face hub failed "
+        raise DataError(f"{flag} {path!r}: not a local file, and loading it from the Hugging Face hub failed "
                         f"({str(e).strip().splitlines()[0]})") from None
-    return _read_splits(data, path)
+    return _read_splits(data, path, split)
 
 
 # ------------------------------------------------------------------------------------------------ check
@@ -200,16 +201,25 @@ def _split_of(row, where: str):
     raise DataError(f"{where}: unknown split {value!r}; use train, or eval/validation/test for held-out rows")
 
 
-def load_pairs(dataset, eval_fraction: float, seed: int):
-    """(train, eval) lists of explicit {"prompt", "chosen", "rejected"} (strings or message lists)."""
-    train, held = read_rows(dataset)
-    name = dataset or bundled_path()
-    if not train:
-        raise DataError(f"--dataset {name!r} has no rows")
-    columns = set().union(*(r.keys() for r, _ in train))
+def _rows_with_columns(rows, flag: str, name: str):
+    if not rows:
+        raise DataError(f"{flag} {name!r} has no rows")
+    columns = set().union(*(r.keys() for r, _ in rows))
     if not {"chosen", "rejected"} <= columns:
-        raise DataError(f"--dataset {name!r} needs 'chosen' and 'rejected' columns (and 'prompt' unless implicit); "
+        raise DataError(f"{flag} {name!r} needs 'chosen' and 'rejected' columns (and 'prompt' unless implicit); "
                         f"found {sorted(columns)}")
+    return columns
+
+
+def load_pairs(dataset, eval_fraction: float, seed: int, *, config=None, split="train", eval_dataset=None):
+    """(train, eval) lists of explicit {"prompt", "chosen", "rejected"} (strings or message lists)."""
+    train, held = read_rows(dataset, config, split)
+    name = dataset or bundled_path()
+    columns = _rows_with_columns(train, "--dataset", name)
+    if eval_dataset is not None:                     # a 'split' column of --dataset is then not read
+        rows, its_eval = read_rows(eval_dataset, config, split, flag="--eval-dataset")
+        held = its_eval or rows
+        _rows_with_columns(held, "--eval-dataset", eval_dataset)
     explicit = [_explicit(r, w) for r, w in train]            # every row checked before anything is split off
     if held is not None:
         if not held:

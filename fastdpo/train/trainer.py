@@ -12,24 +12,23 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import threading
 import time
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .. import __version__
-from ..loss import dpo_loss
 from ..heads import supports_layout
 from ..layout import pack_pairs, prefers_prompt_cache, prompt_cache_batch
+from ..loss import dpo_loss
 from ..models import model_dpo_loss, model_pair_dpo_loss, model_pair_logps, model_sequence_logps, output_head
-from . import prefs, ref_cache
+from . import prefs, ref_cache, runs
 from .config import TrainConfig
 from .config import flag as flag_of
 from .dist import Dist
+from .reporting import Reporter, plot
 
 
 class Interrupted(Exception):
@@ -41,7 +40,7 @@ class Interrupted(Exception):
 def load_model(cfg: TrainConfig, train_pairs):
     """(tokenizer, model in float32): --model from the hub or a directory, else a small seeded Llama + a tokenizer
     trained on the data."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     if cfg.model is None:
         from .tokenizer import trained_tokenizer
@@ -54,21 +53,40 @@ def load_model(cfg: TrainConfig, train_pairs):
         if cfg.attn_implementation:
             config._attn_implementation = cfg.attn_implementation
         return tokenizer, AutoModelForCausalLM.from_config(config)
-    if os.path.exists(cfg.model) and not os.path.isdir(cfg.model):
-        raise ValueError(f"--model {cfg.model!r} is a file; give the model's directory or a hub name")
-    if os.path.isabs(cfg.model) and not os.path.isdir(cfg.model):
-        raise ValueError(f"--model {cfg.model!r}: no such directory")
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, "--tokenizer" if cfg.tokenizer else "--model", cfg)
+    return tokenizer, load_pretrained(cfg.model, "--model", cfg)
+
+
+def _check_local(name: str, flag: str) -> None:
+    if os.path.exists(name) and not os.path.isdir(name):
+        raise ValueError(f"{flag} {name!r} is a file; give the model's directory or a hub name")
+    if os.path.isabs(name) and not os.path.isdir(name):
+        raise ValueError(f"{flag} {name!r}: no such directory")
+
+
+def load_pretrained(name: str, flag: str, cfg: TrainConfig):
+    """A causal LM from the hub or a directory, in float32 (the master weights)."""
+    from transformers import AutoModelForCausalLM
+    _check_local(name, flag)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
-                                                     attn_implementation=cfg.attn_implementation)
+        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+                                                    attn_implementation=cfg.attn_implementation)
     except (OSError, ValueError) as e:
-        raise ValueError(f"--model {cfg.model!r}: cannot load it ({str(e).strip().splitlines()[0]})") from None
+        raise ValueError(f"{flag} {name!r}: cannot load it ({str(e).strip().splitlines()[0]})") from None
+
+
+def load_tokenizer(name: str, flag: str, cfg: TrainConfig):
+    from transformers import AutoTokenizer
+    _check_local(name, flag)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{flag} {name!r}: cannot load it ({str(e).strip().splitlines()[0]})") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"--model {cfg.model!r}: the tokenizer has neither a pad nor an EOS token")
+            raise ValueError(f"{flag} {name!r}: the tokenizer has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, model
+    return tokenizer
 
 
 def disable_dropout(model) -> None:
@@ -133,10 +151,12 @@ def pair_loss(policy, examples, idx, ref, pad_id, cfg: TrainConfig, device, retu
     """(loss, metrics, positions computed) of examples[idx], and the policy's log-probs [2b] before the count with
     ``return_logps``: ``model_dpo_loss`` (or ``model_pair_dpo_loss`` in the shared/packed layout)."""
     kind, args, kwargs, tokens = layout_inputs(examples, idx, pad_id, cfg, device)
-    ref_pairs = ref[idx].to(device=device, dtype=torch.float32)
+    ref_c = ref_r = None                              # --reference-free
+    if ref is not None:
+        ref_pairs = ref[idx].to(device=device, dtype=torch.float32)
+        ref_c, ref_r = ref_pairs[:, 0], ref_pairs[:, 1]
     fn = model_dpo_loss if kind == "plain" else model_pair_dpo_loss
-    out = policy(fn, *args, ref_pairs[:, 0], ref_pairs[:, 1], **kwargs, beta=cfg.beta, loss_type=cfg.loss_type,
-                 return_logps=return_logps)
+    out = policy(fn, *args, ref_c, ref_r, **kwargs, **cfg.loss_options(), return_logps=return_logps)
     return (*out, tokens)
 
 
@@ -215,11 +235,14 @@ class PerStepReference:
 
 
 def evaluate(policy, examples, ref, pad_id, cfg: TrainConfig, device, amp) -> dict:
-    """Reward accuracy and margin over the whole eval split (the reference's own pass, so at step 0 every margin
-    is exactly 0)."""
+    """The run's loss and TRL's reward metrics over the whole eval split, named as TRL logs them (eval_loss,
+    eval_rewards/..., eval_logps/...). The reference's own pass, so at step 0 every margin is exactly 0."""
     pairs = eval_logps(policy, examples, pad_id, cfg, device, amp)
-    _, m = dpo_loss(pairs[:, 0], pairs[:, 1], ref[:, 0], ref[:, 1], beta=cfg.beta)
-    return {"eval/accuracy": m["rewards/accuracies"].item(), "eval/margin": m["rewards/margins"].item()}
+    lengths = torch.tensor([[len(e.chosen), len(e.rejected)] for e in examples], dtype=torch.float64)
+    refs = (None, None) if ref is None else (ref[:, 0], ref[:, 1])
+    loss, m = dpo_loss(pairs[:, 0], pairs[:, 1], *refs, chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1],
+                       **cfg.loss_options())
+    return {"eval_loss": loss.item(), **{f"eval_{k}": v.item() for k, v in m.items()}}
 
 
 def reference_logps(split: str, policy, examples, pad_id, digest, settings, cfg: TrainConfig, dist: Dist, amp):
@@ -339,191 +362,28 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-# ------------------------------------------------------------------------------------------------ run directory
-
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "training.png", "checkpoint", "model", "tensorboard")
-
-
-def check_output_dir(cfg: TrainConfig, world: int) -> str:
-    """Every check on --output-dir that needs no data or model, before any of them is loaded; writes nothing
-    that stays."""
-    out = cfg.output_dir
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--output-dir {out!r} is a file")
-    parent = out
-    while not os.path.exists(parent):            # the directory is made later, once data and model have loaded
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"--output-dir {out!r} is not writable ({parent!r} is a file)")
-    try:
-        probe = os.path.join(parent, f".write-test-{os.getpid()}")   # one per process (torchrun ranks)
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--output-dir {out!r} is not writable ({e.strerror})") from None
-    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-    if cfg.resume:
-        state = os.path.join(out, "checkpoint", "state.pt")
-        if not os.path.exists(state):
-            raise ValueError(f"--resume: no checkpoint in {out!r}")
-        try:
-            with open(os.path.join(out, "config.json")) as f:
-                old = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            raise ValueError(f"--resume: {out!r} has no readable config.json") from None
-        check_same_config(cfg, old, out)
-        done = old.get("checkpoint_step")
-        if done is not None and done >= cfg.steps:
-            raise ValueError(f"--resume: the run in {out!r} is at step {done} already; raise --steps to continue")
-    elif held and not cfg.overwrite:
-        raise ValueError(f"--output-dir {out!r} already holds a run ({', '.join(held)}); pass --resume to continue "
-                         "it or --overwrite to replace it")
-    return out
-
-
-def check_same_config(cfg: TrainConfig, old: dict, out: str) -> None:
-    """--resume: the options that change what is computed must be the saved ones (those still on auto, such as
-    the layout before the model is loaded, are compared once resolved)."""
-    diff = [k for k in TrainConfig.RESUME_KEYS if getattr(cfg, k) is not None and old.get(k) != getattr(cfg, k)]
-    if diff:
-        raise ValueError(f"--resume: {out!r} was written by a different config ({', '.join(diff)} differ: "
-                         + "; ".join(f"{k} {old.get(k)!r} then, {getattr(cfg, k)!r} now" for k in diff) + ")")
-
-
-def start_run(cfg: TrainConfig, main: bool) -> None:
-    """Once data and model have loaded: a resumed run's config checked again (with the layout resolved), an
-    overwritten run's files removed, the config written."""
-    out = cfg.output_dir
-    step = None
-    if cfg.resume:                                 # every rank: they all stop, or none does
-        with open(os.path.join(out, "config.json")) as f:
-            old = json.load(f)
-        check_same_config(cfg, old, out)
-        step = old.get("checkpoint_step")
-    if not main:
-        return
-    os.makedirs(out, exist_ok=True)
-    if cfg.overwrite:
-        for name in RUN_FILES:
-            path = os.path.join(out, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-    write_config(cfg, step)
-
-
-def write_config(cfg: TrainConfig, checkpoint_step) -> None:
-    path = os.path.join(cfg.output_dir, "config.json")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({**cfg.to_dict(), "checkpoint_step": checkpoint_step, "fastdpo_version": __version__}, f, indent=2)
-    os.replace(tmp, path)
-
-
-# Checkpoints hold the full (unsharded) state on the CPU, keyed by parameter name, with or without FSDP.
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def save_checkpoint(cfg, model, optimizer, scheduler, scaler, step, main: bool) -> dict:
-    """Every rank calls it (under FSDP gathering the state is a collective); the main one writes it and gets the
-    model state back (for save_pretrained). Atomic: the last complete checkpoint survives an interrupt during the
-    next one."""
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=FULL_STATE)
-    if not main:
-        return {}
-    path = os.path.join(cfg.output_dir, "checkpoint")
-    os.makedirs(path, exist_ok=True)
-    state = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "step": step,
-             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}}
-    tmp = os.path.join(path, f"state.pt.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(path, "state.pt"))
-    write_config(cfg, step)
-    return model_state
-
-
-def load_checkpoint(out, model, optimizer, scheduler, scaler) -> int:
-    """Every rank reads the full state; under FSDP each keeps its shard."""
-    # mmap: ranks on one machine share the file's pages instead of each holding a copy of the full state
-    state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False, mmap=True)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=FULL_STATE)
-    scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    return state["step"]
-
-
-def truncate_log(out, last_step: int):
-    """Keep the metrics up to last_step (a resumed run rewrites what came after its checkpoint)."""
-    path = os.path.join(out, "metrics.jsonl")
-    keep = []
-    if os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if json.loads(line)["step"] <= last_step]
-    with open(path, "w") as f:
-        f.writelines(keep)
-
-
-def log(out, record, board=None):
-    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if board is not None:
-        for key, value in record.items():
-            if key != "step":
-                board.add_scalar(key, value, record["step"])
-
-
-def tensorboard_writer(out, cfg: TrainConfig):
-    if not cfg.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
-    return SummaryWriter(os.path.join(out, "tensorboard"))
-
-
-def plot(out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval/accuracy" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, ekey, title in zip(axes, ["loss", "rewards/accuracies", "rewards/margins"],
-                                    [None, "eval/accuracy", "eval/margin"], ["loss", "reward accuracy", "margin"]):
-        ax.plot([r["step"] for r in train], [r[key] for r in train], label="train")
-        if ekey:
-            ax.plot([r["step"] for r in evals], [r[ekey] for r in evals], "o-", label="eval")
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.legend()
-    fig.tight_layout()
-    path = os.path.join(out, "training.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 # ------------------------------------------------------------------------------------------------ the algorithm
+
+def reference_model(cfg: TrainConfig, policy_model):
+    """--ref-model, checked: a head fastdpo can fuse, the policy's vocabulary, the run's layout."""
+    ref = load_pretrained(cfg.ref_model, "--ref-model", cfg)
+    output_head(ref)
+    if ref.get_output_embeddings().weight.shape[0] != policy_model.get_output_embeddings().weight.shape[0]:
+        raise ValueError(f"--ref-model {cfg.ref_model!r} has another vocabulary size than --model; the reference "
+                         "must read the same token ids")
+    if cfg.share_prompt or cfg.packing:
+        resolve_layout(cfg, ref)                   # the layout must hold for both models
+    if cfg.disable_dropout:
+        disable_dropout(ref)
+    return ref
+
 
 def train(cfg: TrainConfig) -> dict:
     from tqdm.auto import tqdm
 
     with StopSignals() as stop:
         dist = Dist(cfg.fsdp)
-        out = check_output_dir(cfg, dist.world)
+        out = runs.check_output_dir(cfg, dist.world)
         device = dist.device
         dtype = compute_dtype(cfg, device)
         if cfg.max_tokens and dist.world > 1:
@@ -532,6 +392,7 @@ def train(cfg: TrainConfig) -> dict:
         if dtype == torch.float16 and dist.fsdp:
             raise ValueError("--torch-dtype float16 with --fsdp is not supported (loss scaling of sharded "
                              "gradients); use bfloat16")
+
         def amp():
             return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
         random.seed(cfg.seed)
@@ -539,31 +400,39 @@ def train(cfg: TrainConfig) -> dict:
         torch.manual_seed(cfg.seed)
 
         # 1. load
-        train_pairs, eval_pairs = prefs.load_pairs(cfg.dataset, cfg.eval_fraction, cfg.seed)
+        train_pairs, eval_pairs = prefs.load_pairs(cfg.dataset, cfg.eval_fraction, cfg.seed, config=cfg.dataset_config,
+                                                   split=cfg.dataset_split, eval_dataset=cfg.eval_dataset)
         tokenizer, model = load_model(cfg, train_pairs)
         output_head(model)                          # a family whose head cannot be fused fails here, not later
         resolve_layout(cfg, model)
         if cfg.disable_dropout:
             disable_dropout(model)
-        model = with_lora(model, cfg)
         train_ex = prefs.tokenize(train_pairs, tokenizer, cfg.max_length, "train")
         eval_ex = prefs.tokenize(eval_pairs, tokenizer, cfg.max_length, "eval")
         pad = tokenizer.pad_token_id
         stream = MicroBatches(train_ex, cfg)       # a pair over --max-tokens fails here
-        start_run(cfg, dist.main)
-        digest = dist.from_main(ref_cache.model_digest(model) if dist.main else None)
+        ref_model = reference_model(cfg, model) if cfg.ref_model else None
+        model = with_lora(model, cfg)
+        runs.start_run(cfg, dist.main)
+        source = model if ref_model is None else ref_model
+        digest = None if cfg.reference_free else dist.from_main(ref_cache.model_digest(source) if dist.main else None)
         policy = dist.wrap(ref_cache.Policy(model))    # on the device; with --fsdp sharded across the ranks
 
-        # 2. reference log-probs, once: the initial policy is the reference; no second model is kept
-        import transformers
-        settings = dict(fastdpo=__version__, torch=torch.__version__, transformers=transformers.__version__,
-                        device=device.type, dtype=str(dtype), world=dist.world, fsdp=dist.fsdp,
-                        attn=getattr(model.config, "_attn_implementation", None), pad=pad,
-                        batch_size=cfg.batch_size, share_prompt=cfg.share_prompt, packing=cfg.packing,
-                        prompt_cache=cfg.prompt_cache, max_tokens=cfg.max_tokens)
-        ref_train = reference_logps("train", policy, train_ex, pad, digest,
-                                    {**settings, "seed": cfg.seed, "loss_type": cfg.loss_type}, cfg, dist, amp)
-        ref_eval = reference_logps("eval", policy, eval_ex, pad, digest, settings, cfg, dist, amp)
+        # 2. reference log-probs, once, then no reference model is kept: the initial policy's (LoRA adapters on,
+        #    B = 0), or --ref-model's, through the training pass's function on its micro-batches
+        ref_train = ref_eval = None
+        if not cfg.reference_free:
+            ref_policy = policy if ref_model is None else dist.wrap(ref_cache.Policy(ref_model))
+            import transformers
+            settings = dict(fastdpo=__version__, torch=torch.__version__, transformers=transformers.__version__,
+                            device=device.type, dtype=str(dtype), world=dist.world, fsdp=dist.fsdp, pad=pad,
+                            attn=getattr(source.config, "_attn_implementation", None), batch_size=cfg.batch_size,
+                            share_prompt=cfg.share_prompt, packing=cfg.packing, prompt_cache=cfg.prompt_cache,
+                            max_tokens=cfg.max_tokens)
+            ref_train = reference_logps("train", ref_policy, train_ex, pad, digest,
+                                        {**settings, "seed": cfg.seed, "loss": cfg.loss_options()}, cfg, dist, amp)
+            ref_eval = reference_logps("eval", ref_policy, eval_ex, pad, digest, settings, cfg, dist, amp)
+            del ref_policy, source, ref_model
 
         # 3. loop
         if cfg.gradient_checkpointing:       # transformers >= 5.2x names it activation checkpointing
@@ -573,13 +442,15 @@ def train(cfg: TrainConfig) -> dict:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        board = tensorboard_writer(out, cfg) if dist.main else None
-        start = load_checkpoint(out, model, optimizer, scheduler, scaler) if cfg.resume else 0
-        if dist.main:
-            truncate_log(out, start if cfg.resume else -1)
+        start, history = 0, []
+        if cfg.resume:
+            start, history = runs.load_checkpoint(runs.resume_path(cfg), model, optimizer, scheduler, scaler)
+        report = Reporter(cfg, dist.main, history)
+        pairs_per_step = cfg.grad_accum * cfg.batch_size
+        num_tokens = next((r["num_tokens"] for r in reversed(history) if "num_tokens" in r), 0)
         before = evaluate(policy, eval_ex, ref_eval, pad, cfg, device, amp) if start == 0 else None
-        if before and dist.main:
-            log(out, {"step": 0, **before})
+        if before:
+            report.eval({"step": 0, "epoch": 0.0, **before})
         stop.in_loop = True
         bar = tqdm(range(start, cfg.steps), desc="training", disable=not (cfg.progress and dist.main), initial=start,
                    total=cfg.steps)
@@ -591,45 +462,54 @@ def train(cfg: TrainConfig) -> dict:
                     loss, metrics, n = pair_loss(policy, train_ex, dist.shard(idx), ref_train, pad, cfg, device)
                 scaler.scale(loss / cfg.grad_accum).backward()
                 tokens += n
+                num_tokens += sum(2 * len(train_ex[i].prompt) + len(train_ex[i].chosen) + len(train_ex[i].rejected)
+                                  for i in idx)
                 for k, v in {"loss": loss, **metrics}.items():
                     totals[k] = totals.get(k, 0.0) + v.detach().float() / cfg.grad_accum
             dist.average_grads(params)
             scaler.unscale_(optimizer)
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            record = {"step": step + 1, "lr": scheduler.get_last_lr()[0],
+            epoch = (step + 1) * pairs_per_step / len(train_ex)
+            record = {"step": step + 1, "epoch": epoch, "learning_rate": scheduler.get_last_lr()[0],
+                      "grad_norm": float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm),
                       **{k: dist.mean_(v).item() for k, v in totals.items()},
+                      # TRL's num_tokens: tokens of prompt + chosen and prompt + rejected so far, no padding;
                       # this process's wall time for the step and the positions its backbone computed (padding in)
-                      "step_time_s": time.perf_counter() - started, "tokens_computed": tokens}
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                record.update(evaluate(policy, eval_ex, ref_eval, pad, cfg, device, amp))
+                      "num_tokens": num_tokens, "step_time_s": time.perf_counter() - started,
+                      "tokens_computed": tokens}
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
-            if dist.main:
-                log(out, record, board)
-            if dist.any(stop.received is not None):
-                save_checkpoint(cfg, model, optimizer, scheduler, scaler, step + 1, dist.main)
+            stopping = dist.any(stop.received is not None)
+            report.train(record, last=step + 1 == cfg.steps or stopping)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                report.eval({"step": step + 1, "epoch": epoch,
+                             **evaluate(policy, eval_ex, ref_eval, pad, cfg, device, amp)})
+            if stopping:
+                runs.save_checkpoint(cfg, model, optimizer, scheduler, scaler, step + 1, epoch, report.history,
+                                     dist.main)
                 bar.close()
                 raise Interrupted(f"{stop.received or 'a signal to another process'} at step {step + 1}: "
-                                  f"checkpoint written to {os.path.join(out, 'checkpoint')}; continue with --resume")
-            if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                save_checkpoint(cfg, model, optimizer, scheduler, scaler, step + 1, dist.main)
+                                  f"checkpoint written to {os.path.join(out, f'checkpoint-{step + 1}')}; continue "
+                                  "with --resume")
+            if step + 1 < cfg.steps and cfg.save_every and (step + 1) % cfg.save_every == 0:
+                runs.save_checkpoint(cfg, model, optimizer, scheduler, scaler, step + 1, epoch, report.history,
+                                     dist.main)
 
         # 4. save
         after = evaluate(policy, eval_ex, ref_eval, pad, cfg, device, amp)
+        report.eval({"step": cfg.steps, "epoch": cfg.steps * pairs_per_step / len(train_ex), **after})
         summary = {"before": before, "after": after, "train_examples": len(train_ex), "eval_examples": len(eval_ex)}
-        model_state = save_checkpoint(cfg, model, optimizer, scheduler, scaler, cfg.steps, dist.main)
+        model_state = runs.save_checkpoint(cfg, model, optimizer, scheduler, scaler, cfg.steps,
+                                           cfg.steps * pairs_per_step / len(train_ex), report.history, dist.main)
         if dist.main:
-            log(out, {"step": cfg.steps, **after}, board)
-            if board is not None:
-                board.close()
+            report.close()
             final = os.path.join(out, "model")
-            model.save_pretrained(final, state_dict=model_state)
+            model.save_pretrained(final, state_dict=dict(model_state))
             tokenizer.save_pretrained(final)
-            summary.update(plot=plot(out), model=final)
+            summary.update(plot=plot(out, report.history), model=final)
             with open(os.path.join(out, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
         dist.barrier()
