@@ -104,11 +104,13 @@ class PairGrads(NamedTuple):
     drr: torch.Tensor    # [P] d loss / d reference rejected log-prob
 
 
-def weighted_pair_losses(pc, pr, rc, rr, lc, lr, terms, kwargs, batch: int, backend: str) -> PairGrads:
-    """sum_k w_k / batch * sum_i loss_k(pair i) over the given pairs, and its gradients per pair.
+def weighted_pair_losses(pc, pr, rc, rr, lc, lr, terms, kwargs, batch: int, backend: str,
+                         pair_weights=None) -> PairGrads:
+    """sum_k w_k / batch * sum_i a_i loss_k(pair i) over the given pairs, and its gradients per pair.
 
     terms: [(loss_type, w_k)], per-pair types only; each term is a mean over a batch of ``batch``
-    pairs, of which these may be a chunk. backend "triton": the Triton kernel, else ``pair_loss``."""
+    pairs, of which these may be a chunk. pair_weights: a_i [P], constants (WPO's weights), else 1.
+    backend "triton": the Triton kernel, else ``pair_loss``."""
     if backend == "triton":
         from .kernels.dpo_loss import dpo_pair_loss as fn
     else:
@@ -117,6 +119,8 @@ def weighted_pair_losses(pc, pr, rc, rr, lc, lr, terms, kwargs, batch: int, back
     loss, dc, dr, drc, drr = pc.new_zeros(()), zero, zero.clone(), zero.clone(), zero.clone()
     for name, weight in terms:
         per, c, r = fn(pc, pr, rc, rr, lc, lr, loss_type=name, **kwargs)
+        if pair_weights is not None:
+            per, c, r = per * pair_weights, c * pair_weights, r * pair_weights
         k = weight / batch
         loss = loss + k * per.sum()
         dc, dr = dc + k * c, dr + k * r

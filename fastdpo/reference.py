@@ -84,10 +84,11 @@ def f_divergence_scores(logratios: torch.Tensor, f_divergence_type: str, alpha: 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
              beta=0.1, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0,
              f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, chosen_lengths=None,
-             rejected_lengths=None, gamma=0.5, discopop_tau=0.05):
+             rejected_lengths=None, gamma=0.5, discopop_tau=0.05, pair_weights=None):
     """The DPO family, term by term as TRL's DPOTrainer writes it (plus SimPO as TRL's CPOTrainer does).
 
-    Inputs are per-pair tensors [B]; a missing reference counts as log-probs of 0.
+    Inputs are per-pair tensors [B]; a missing reference counts as log-probs of 0. ``pair_weights`` [B]
+    multiply each pair's loss before every term's mean (TRL's use_weighting, with ``wpo_weights``).
     Returns (loss, metrics) with TRL's metric names.
     """
     pc, pr = policy_chosen_logps, policy_rejected_logps
@@ -145,6 +146,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, 
             per = -F.logsigmoid(x) * (1 - ls) - F.logsigmoid(-x) * ls
         else:
             raise ValueError(f"unknown loss_type {name!r}")
+        if pair_weights is not None:
+            per = per * pair_weights.detach()        # constants, as TRL computes them under no_grad
         loss = loss + per.mean() * weight
     chosen_rewards, rejected_rewards = beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
     metrics = {
@@ -156,3 +159,28 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, 
         "logps/rejected": pr.detach().mean(),
     }
     return loss, metrics
+
+
+def wpo_weights(logits, labels, *, ignore_index=-100):
+    """WPO's pair weights [B] as TRL's DPOTrainer computes them (``use_weighting``), from logits [2B, T, V]: per
+    reply, exp of the mean over its scored tokens of log p(y) - log sum_v p_v^2; chosen times rejected."""
+    logp = torch.log_softmax(logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32), -1)
+    log_sum_sq = torch.logsumexp(2 * logp, -1)                            # [2B, T]
+    scored = labels != ignore_index
+    token = logp.gather(-1, torch.where(scored, labels, 0).unsqueeze(-1)).squeeze(-1)
+    aligned = torch.where(scored, token - log_sum_sq, torch.zeros_like(token)).sum(-1)
+    weights = torch.exp(aligned / scored.sum(-1).clamp(min=1))
+    chosen, rejected = weights.chunk(2)
+    return chosen * rejected
+
+
+def ld_sequence_logps(token_logps, labels, ld_alpha, *, ignore_index=-100):
+    """LD-DPO's per-sequence log-probs as TRL's DPOTrainer computes them (``ld_alpha``), from per-token log-probs
+    [2B, T] (zero where not scored): the tokens within the length both replies of a pair share count fully, the
+    verbose tail beyond it ``ld_alpha`` times."""
+    position = (labels != ignore_index).cumsum(1)                         # k for the k-th scored token of a row
+    lengths = position[:, -1]
+    shared = torch.minimum(*lengths.chunk(2)).repeat(2).unsqueeze(1)
+    shared_part = (token_logps * ((position > 0) & (position <= shared))).sum(1)
+    tail_part = (token_logps * (position > shared)).sum(1)
+    return shared_part + ld_alpha * tail_part

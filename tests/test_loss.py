@@ -142,3 +142,86 @@ def test_linear_dpo_loss_defaults_are_dpo_loss_defaults():
     import inspect
     signature = inspect.signature(L.dpo_loss).parameters
     assert {k: signature[k].default for k in L.LOSS_DEFAULTS} == L.LOSS_DEFAULTS
+
+
+# ------------------------------------------------------------------------------------ WPO and LD-DPO (TRL's options)
+
+
+@pytest.mark.parametrize("loss_type", [["sigmoid"], ["ipo", "sft"], ["bco_pair", "simpo"]], ids="+".join)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pair_weights_match_reference(backend, loss_type):
+    """Each pair's loss times its weight, in every term (sft: its batch loss times the mean weight)."""
+    tensors, (lc, lr) = make_pairs()
+    weights = torch.rand(6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.1
+    kw = dict(beta=0.1, loss_type=loss_type, label_smoothing=0.05 if "simpo" in loss_type else 0.0,
+              chosen_lengths=lc, rejected_lengths=lr, pair_weights=weights)
+    want, want_g, _ = loss_and_grads(R.dpo_loss, tensors, torch.float64, **kw)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    kw.update(chosen_lengths=lc.to(dtype), rejected_lengths=lr.to(dtype), pair_weights=weights.to(dtype))
+    got, got_g, _ = loss_and_grads(L.dpo_loss, tensors, dtype, backend=backend, **kw)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=0)
+    scale = max(g.abs().max().item() for g in want_g)
+    for name, a, b in zip(["pc", "pr", "rc", "rr"], got_g, want_g):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=rtol * scale, msg=name)
+
+
+def head_batch(B=3, T=11, D=8, V=29, seed=0):
+    """hidden [2B, T, D] (requires grad), weight, labels with replies of different lengths, reference log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2 * B, T, D, generator=g, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(V, D, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[:, :3] = -100
+    labels[0, 7:], labels[B + 1, 5:], labels[B + 2, :] = -100, -100, -100     # lengths differ; one reply empty
+    ref = torch.randn(2 * B, generator=g, dtype=torch.float64) - 20
+    return hidden, weight, labels, ref
+
+
+HEAD = dict(logit_scale=0.7, softcap=5.0, temperature=0.8)
+
+
+def test_wpo_weights_match_reference():
+    """log p(y) - log sum_v p_v^2 = log p_{T/2}(y) - log p_T(y): two forwards of the fused op, no logits."""
+    hidden, weight, labels, _ = head_batch()
+    logits = R.logit_transform(hidden.detach() @ weight.T, **HEAD)
+    want = R.wpo_weights(logits, labels)
+    got = L.wpo_weights(hidden, weight, labels, **HEAD)
+    assert not got.requires_grad and (want < 0.5).all()                # far from the trivial weight 1
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("ld_alpha, use_weighting", [(0.3, False), (None, True), (0.5, True)],
+                         ids=["ld_alpha", "use_weighting", "ld_alpha+use_weighting"])
+def test_linear_dpo_loss_ld_alpha_and_use_weighting_match_reference(ld_alpha, use_weighting):
+    hidden, weight, labels, ref = head_batch()
+    kw = dict(loss_type=["sigmoid", "ipo"], beta=0.2)
+    loss, metrics = L.linear_dpo_loss(hidden, weight, labels, *ref.chunk(2), ld_alpha=ld_alpha,
+                                      use_weighting=use_weighting, **kw, **HEAD)
+    grad, = torch.autograd.grad(loss, hidden)
+    logits = R.logit_transform(hidden @ weight.T, **HEAD)
+    logps, token = R.sequence_logps_from_logits(logits, labels, return_token_logps=True)
+    if ld_alpha is not None:
+        logps = R.ld_sequence_logps(token, labels, ld_alpha)
+    lengths = (labels != -100).sum(1).double()
+    want, want_m = R.dpo_loss(*logps.chunk(2), *ref.chunk(2), chosen_lengths=lengths[:3], rejected_lengths=lengths[3:],
+                              pair_weights=R.wpo_weights(logits, labels) if use_weighting else None, **kw)
+    want_grad, = torch.autograd.grad(want, hidden)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=0, atol=1e-12 * want_grad.abs().max().item())
+    torch.testing.assert_close(metrics["logps/chosen"], want_m["logps/chosen"], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(loss_type="aot", pair_weights=torch.ones(3)), r"pair_weights: .* \['aot'\]"),
+    (dict(loss_type="aot_unpaired", use_weighting=True), r"use_weighting: .* \['aot_unpaired'\]"),
+    (dict(loss_type=["sigmoid", "sft"], ld_alpha=0.5), "ld_alpha with loss_type 'sft'"),
+    (dict(ld_alpha=-0.1), r"ld_alpha must be None or a number in \[0, 1\]"),
+    (dict(use_weighting=True, pair_weights=torch.ones(3)), "use_weighting=True or pair_weights, not both"),
+    (dict(ld_alpha=0.5, one_pass=True), "one pass does not apply here: ld_alpha"),
+    (dict(use_weighting=True, one_pass=True), r"one pass does not apply here: per-pair weights"),
+])
+def test_ld_alpha_and_weighting_bad_options(kw, match):
+    hidden, weight, labels, ref = head_batch()
+    with pytest.raises(ValueError, match=match):
+        L.linear_dpo_loss(hidden.float(), weight.float(), labels, *ref.float().chunk(2), **kw)

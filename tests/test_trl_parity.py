@@ -1,11 +1,12 @@
 """Parity with TRL: fastdpo's losses equal what TRL's own DPOTrainer computes.
 
-For every DPOTrainer loss type (plus f-divergences and a weighted mix), one tiny
-random Llama and one collated batch go through TRL's real ``DPOTrainer.compute_loss``
-(its fused LM head, its reference forward, its loss code and its logged metrics).
-fastdpo then gets the same model, batch and TRL's own reference log-probs:
-``dpo_loss`` on ``fastdpo.sequence_logps`` sums, and ``linear_dpo_loss`` on the
-hidden states. Loss and every metric must agree within 1e-5 relative in fp32.
+For every DPOTrainer loss type (plus f-divergences, a weighted mix, LD-DPO's ``ld_alpha`` and WPO's
+``use_weighting``), one tiny random Llama and one collated batch go through TRL's real
+``DPOTrainer.compute_loss`` (its fused LM head, its reference forward, its loss code and its logged metrics).
+fastdpo then gets the same model, batch and TRL's own reference log-probs: ``dpo_loss`` on
+``fastdpo.sequence_logps`` sums (LD-weighted by ``ld_token_weights``, with ``wpo_weights`` as pair weights),
+and ``linear_dpo_loss`` on the hidden states (given ``ld_alpha``/``use_weighting`` itself). Loss and every
+metric must agree within 1e-5 relative in fp32.
 
 No downloads: the tokenizer is a WordLevel one built here, the model is built
 from a config. ``simpo`` is TRL's CPOTrainer loss, not a DPOTrainer one: not covered.
@@ -55,6 +56,9 @@ CASES += [Case("sigmoid-alpha_divergence-0.3",
                {"loss_type": "sigmoid", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3})]
 CASES += [Case("mix-sigmoid+bco_pair+sft",
                {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]})]
+CASES += [Case("sigmoid-ld_alpha-0.5", {"loss_type": "sigmoid", "ld_alpha": 0.5}),
+          Case("sigmoid-use_weighting", {"loss_type": "sigmoid", "use_weighting": True}),
+          Case("ipo-ld_alpha-0.3+use_weighting", {"loss_type": "ipo", "ld_alpha": 0.3, "use_weighting": True})]
 APIS = ("dpo_loss", "linear_dpo_loss")
 
 
@@ -170,7 +174,12 @@ def test_loss_and_metrics_match_trl_dpo_trainer(trl_results, case, api):
 
     opts = dict(case.options, beta=BETA)
     if api == "dpo_loss":
-        logps = fastdpo.sequence_logps(hidden, trl["weight"], labels)
+        ld_alpha, use_weighting = opts.pop("ld_alpha", None), opts.pop("use_weighting", False)
+        logps, token = fastdpo.sequence_logps(hidden, trl["weight"], labels, return_token_logps=True)
+        if ld_alpha is not None:
+            logps = (token * L.ld_token_weights(labels, ld_alpha)).sum(1)
+        if use_weighting:
+            opts["pair_weights"] = L.wpo_weights(hidden, trl["weight"], labels)
         pc, pr = logps.chunk(2)
         lc, lr = lengths.chunk(2)
         loss, metrics = L.dpo_loss(pc, pr, ref_c, ref_r, chosen_lengths=lc, rejected_lengths=lr, **opts)
