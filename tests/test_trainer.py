@@ -1,5 +1,6 @@
 """The thin trainer: default run (shortened), cached reference, exact resume, bad input, CLI."""
 import json
+import math
 import os
 
 import pytest
@@ -545,6 +546,27 @@ def test_trl_named_options_and_metrics(tmp_path):
     evals = records(cfg.output_dir, "eval_loss")
     assert [r["step"] for r in evals] == [0, 2, 4]
     assert {"eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen"} <= set(evals[0])
+
+
+def test_ld_alpha_and_use_weighting(tmp_path):
+    """--ld-alpha (LD-DPO) weights the reference's log-probs as the policy's (step-1 margins still exactly 0) and
+    makes the longer reply's log-prob less negative; --use-weighting (WPO) scales each pair's ln 2 by its weight
+    (about 0.9 here), in training and in evaluation."""
+    data = small_data(tmp_path)                    # chosen replies are longer than rejected ones
+    kw = dict(dataset=data, steps=1, batch_size=4, eval_every=0, save_every=0)
+    runs_ = {name: config(tmp_path, name, **kw, **opts) for name, opts in (
+        ("plain", {}), ("ld", dict(ld_alpha=0.5)), ("wpo", dict(use_weighting=True)))}
+    first = {}
+    for name, cfg in runs_.items():
+        trainer.train(cfg)
+        first[name] = records(cfg.output_dir, "loss")[0], records(cfg.output_dir, "eval_loss")[0]
+    for name, (step1, before) in first.items():
+        assert step1["rewards/margins"] == before["eval_rewards/margins"] == 0.0, name
+    plain, ld, wpo = (first[n][0] for n in ("plain", "ld", "wpo"))
+    assert ld["logps/chosen"] > plain["logps/chosen"] and ld["logps/rejected"] == plain["logps/rejected"]
+    assert ld["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert wpo["logps/chosen"] == plain["logps/chosen"] and 0 < wpo["loss"] < 0.99 * math.log(2)
+    assert 0 < first["wpo"][1]["eval_loss"] < 0.99 * math.log(2)
 
 
 def test_reference_free_and_ref_model(tmp_path):

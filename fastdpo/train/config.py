@@ -74,6 +74,10 @@ class TrainConfig:
     f_divergence_type: str = opt("reverse_kl", "f-divergence of the DPO score (reverse_kl, forward_kl, "
                                                "js_divergence, alpha_divergence)")
     f_alpha_divergence_coef: float = opt(0.5, "alpha of alpha_divergence")
+    ld_alpha: Optional[float] = opt(None, "LD-DPO: the tokens of a reply beyond the length both replies of its pair "
+                                          "share count this much (0 to 1; TRL's ld_alpha)", at_least=0.0)
+    use_weighting: bool = opt(False, "WPO: weight each pair's loss by the policy's length-normalized probability "
+                                     "of its two replies (TRL's use_weighting)")
     # optimization
     steps: int = opt(200, "optimizer steps", at_least=1)
     batch_size: int = opt(16, "preference pairs per micro-batch (all processes together)", at_least=1)
@@ -123,12 +127,14 @@ class TrainConfig:
         weights = None if self.loss_weights is None else [float(w) for w in self.loss_weights.split(",")]
         return dict(beta=self.beta, loss_type=types[0] if len(types) == 1 else types, loss_weights=weights,
                     label_smoothing=self.label_smoothing, f_divergence_type=self.f_divergence_type,
-                    f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+                    f_alpha_divergence_coef=self.f_alpha_divergence_coef, ld_alpha=self.ld_alpha,
+                    use_weighting=self.use_weighting)
 
     # the options that change what is computed: a resumed run must match them (steps may grow)
     RESUME_KEYS = ("model", "ref_model", "reference_free", "tokenizer", "dataset", "dataset_config", "dataset_split",
                    "eval_dataset", "eval_fraction", "loss_weights", "label_smoothing", "f_divergence_type",
-                   "f_alpha_divergence_coef", "torch_dtype", "attn_implementation", "max_length", "beta",
+                   "f_alpha_divergence_coef", "ld_alpha", "use_weighting", "torch_dtype", "attn_implementation",
+                   "max_length", "beta",
                    "loss_type", "batch_size", "max_tokens", "grad_accum", "lr", "weight_decay", "warmup_steps",
                    "schedule", "max_grad_norm", "disable_dropout", "share_prompt", "packing", "prompt_cache", "seed", "lora_r",
                    "lora_alpha", "lora_dropout", "lora_target_modules")
@@ -237,9 +243,12 @@ def build(options: dict, given: set) -> TrainConfig:
         raise ConfigError(f"--loss-weights must be comma-separated numbers, got {cfg.loss_weights!r}") from None
     try:
         make_params(o["loss_type"], o["loss_weights"], cfg.beta, cfg.label_smoothing, cfg.f_divergence_type,
-                    cfg.f_alpha_divergence_coef, LOSS_DEFAULTS["gamma"], LOSS_DEFAULTS["discopop_tau"])
+                    cfg.f_alpha_divergence_coef, LOSS_DEFAULTS["gamma"], LOSS_DEFAULTS["discopop_tau"],
+                    ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting)
     except ValueError as e:
-        raise ConfigError(f"--loss-type {cfg.loss_type!r}: {e}") from None
+        which = "--ld-alpha" if "ld_alpha" in str(e) else "--use-weighting" if "use_weighting" in str(e) else (
+            f"--loss-type {cfg.loss_type!r}")
+        raise ConfigError(f"{which}: {e}") from None
     if cfg.reference_free:
         need = [t for t in cfg.loss_type.split(",") if t.strip() not in REFERENCE_FREE_LOSSES]
         if need or cfg.ref_model is not None:

@@ -22,8 +22,7 @@ import torch
 from .. import __version__
 from ..heads import supports_layout
 from ..layout import pack_pairs, prefers_prompt_cache, prompt_cache_batch
-from ..loss import dpo_loss
-from ..models import model_dpo_loss, model_pair_dpo_loss, model_pair_logps, model_sequence_logps, output_head
+from ..models import model_dpo_loss, model_pair_dpo_loss, output_head
 from . import prefs, ref_cache, runs
 from .config import TrainConfig
 from .config import flag as flag_of
@@ -200,17 +199,22 @@ def train_reference(policy, examples, pad_id, cfg: TrainConfig, dist: Dist, amp,
     return dist.gather_rows(index, torch.cat(rows), len(examples))
 
 
+def eval_batches(examples, cfg: TrainConfig):
+    """The eval split in order, ``--batch-size`` pairs at a time (every rank all of them)."""
+    return [list(range(s, min(s + cfg.batch_size, len(examples)))) for s in range(0, len(examples), cfg.batch_size)]
+
+
 @torch.no_grad()
 def eval_logps(policy, examples, pad_id, cfg: TrainConfig, device, amp) -> torch.Tensor:
-    """[n, 2] (chosen, rejected) log-probs of the policy on the eval split, in order (every rank all of them)."""
+    """[n, 2] (chosen, rejected) log-probs of the policy on the eval split, in order, as ``evaluate`` computes them
+    (the training pass's function on the eval micro-batches; LD-weighted under --ld-alpha)."""
     was_training = policy.training
     policy.eval()
+    zeros = torch.zeros(len(examples), 2, dtype=torch.float64)
     out = []
-    for s in range(0, len(examples), cfg.batch_size):
-        kind, args, kwargs, _ = layout_inputs(examples, range(s, min(s + cfg.batch_size, len(examples))), pad_id,
-                                              cfg, device)
+    for idx in eval_batches(examples, cfg):
         with amp():
-            logps = policy(model_sequence_logps if kind == "plain" else model_pair_logps, *args, **kwargs)
+            _, _, logps, _ = pair_loss(policy, examples, idx, zeros, pad_id, cfg, device, return_logps=True)
         out.append(torch.stack(logps.double().chunk(2), 1).cpu())
     policy.train(was_training)
     return torch.cat(out)
@@ -234,15 +238,22 @@ class PerStepReference:
         return torch.stack(logps.double().chunk(2), 1)
 
 
+@torch.no_grad()
 def evaluate(policy, examples, ref, pad_id, cfg: TrainConfig, device, amp) -> dict:
-    """The run's loss and TRL's reward metrics over the whole eval split, named as TRL logs them (eval_loss,
-    eval_rewards/..., eval_logps/...). The reference's own pass, so at step 0 every margin is exactly 0."""
-    pairs = eval_logps(policy, examples, pad_id, cfg, device, amp)
-    lengths = torch.tensor([[len(e.chosen), len(e.rejected)] for e in examples], dtype=torch.float64)
-    refs = (None, None) if ref is None else (ref[:, 0], ref[:, 1])
-    loss, m = dpo_loss(pairs[:, 0], pairs[:, 1], *refs, chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1],
-                       **cfg.loss_options())
-    return {"eval_loss": loss.item(), **{f"eval_{k}": v.item() for k, v in m.items()}}
+    """The run's loss and TRL's reward metrics over the eval split, named as TRL logs them (eval_loss,
+    eval_rewards/..., eval_logps/...): the training pass's loss on each eval micro-batch, averaged over the pairs
+    (exactly the whole split's value for the per-pair losses; aot and sft, which couple a batch's pairs, as TRL
+    evaluates them: per batch). The reference's own pass, so at step 0 every margin is exactly 0."""
+    was_training = policy.training
+    policy.eval()
+    totals = {}
+    for idx in eval_batches(examples, cfg):
+        with amp():
+            loss, metrics, _ = pair_loss(policy, examples, idx, ref, pad_id, cfg, device)
+        for k, v in {"loss": loss, **metrics}.items():
+            totals[k] = totals.get(k, 0.0) + v.double() * len(idx) / len(examples)
+    policy.train(was_training)
+    return {f"eval_{k}": v.item() for k, v in totals.items()}
 
 
 def reference_logps(split: str, policy, examples, pad_id, digest, settings, cfg: TrainConfig, dist: Dist, amp):
@@ -429,8 +440,9 @@ def train(cfg: TrainConfig) -> dict:
                             attn=getattr(source.config, "_attn_implementation", None), batch_size=cfg.batch_size,
                             share_prompt=cfg.share_prompt, packing=cfg.packing, prompt_cache=cfg.prompt_cache,
                             max_tokens=cfg.max_tokens)
-            ref_train = reference_logps("train", ref_policy, train_ex, pad, digest,
-                                        {**settings, "seed": cfg.seed, "loss": cfg.loss_options()}, cfg, dist, amp)
+            settings["loss"] = cfg.loss_options()      # --ld-alpha weights the log-probs themselves
+            ref_train = reference_logps("train", ref_policy, train_ex, pad, digest, {**settings, "seed": cfg.seed},
+                                        cfg, dist, amp)
             ref_eval = reference_logps("eval", ref_policy, eval_ex, pad, digest, settings, cfg, dist, amp)
             del ref_policy, source, ref_model
 
