@@ -451,7 +451,9 @@ def train(cfg: TrainConfig) -> dict:
             (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         policy.train()
         params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused: one kernel per step (the HF Trainer's default, adamw_torch_fused); on the CPU torch's default is
+        # the per-tensor loop, ~0.1 s a step for 20 M parameters on 2 cores. FSDP's sharded parameters keep it.
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=not dist.fsdp)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         start, history = 0, []
