@@ -1,0 +1,221 @@
+"""TRL's DPOTrainer with fastdpo's log-probs and loss: change one import, keep the rest.
+
+    from fastdpo.integrations.trl import FastDPOTrainer     # was: from trl import DPOTrainer
+    trainer = FastDPOTrainer(model=model, args=DPOConfig(...), train_dataset=data, processing_class=tokenizer)
+
+TRL 1.16's DPOTrainer computes log-probs in two methods; these are the two FastDPOTrainer overrides:
+- ``compute_ref_log_probs`` (the reference pass; what ``precompute_ref_log_probs`` caches):
+  ``fastdpo.model_sequence_logps`` under no-grad, with TRL's adapter switch for PEFT and its autocast.
+- ``_compute_loss`` (each training and evaluation batch): ``fastdpo.model_dpo_loss`` (backbone, fused head
+  and fused loss; the ``[tokens, vocab]`` logits never exist, prompt and padding positions are never scored),
+  then TRL's metrics from the same log-probs.
+Datasets, tokenization, the collator, PEFT, the reference model and its precomputation, accelerate, optimizer,
+scheduler, logging and checkpoints stay TRL's own code. Not logged: ``entropy``, ``logits/chosen``,
+``logits/rejected`` and ``mean_token_accuracy``, per-token statistics of the full-vocabulary distribution that
+the fused op does not form. Options FastDPOTrainer cannot honour raise a ValueError at construction (``REFUSED``,
+and the checks of ``_check_inputs``); fastdpo also refuses a few loss settings TRL only warns about (e.g.
+``label_smoothing`` where no chosen loss uses it).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import types
+import warnings
+
+try:
+    from trl import DPOTrainer
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import use_adapter
+except ImportError as e:
+    raise ImportError(f"fastdpo.integrations.trl needs TRL: pip install trl ({e})") from e
+if not all(hasattr(DPOTrainer, name) for name in ("_compute_loss", "compute_ref_log_probs")):
+    raise ImportError("fastdpo.integrations.trl needs the DPOTrainer of TRL >= 1.16 (with _compute_loss and "
+                      "compute_ref_log_probs): pip install -U trl")
+
+import torch  # noqa: E402
+from accelerate.utils import is_peft_model  # noqa: E402
+from transformers import ProcessorMixin  # noqa: E402
+
+from ..loss import LOSS_DEFAULTS, make_params  # noqa: E402
+from ..models import model_dpo_loss, model_sequence_logps, output_head  # noqa: E402
+
+_DPO_SIGNATURE = inspect.signature(DPOTrainer.__init__)
+# Keys of TRL's preference batches that are not model inputs; the model inputs fastdpo's forward takes.
+NOT_MODEL_INPUTS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# DPOConfig (TrainingArguments) options refused when set, and why.
+REFUSED = {
+    "use_liger_kernel": "Liger's kernels patch the model's layers; fastdpo computes the head itself and is not "
+                        "verified with them",
+    "padding_free": "TRL 1.16 itself falls back to padding for it, and fastdpo's packed layout (fastdpo.layout) "
+                    "is not wired into FastDPOTrainer",
+    "torch_compile": "fastdpo's ops read scored-token counts on the host and are not verified under torch.compile",
+    "deepspeed": "fastdpo reads lm_head.weight outside the lm_head's call, which ZeRO-3 shards; not verified "
+                 "with DeepSpeed",
+    "fsdp": "fastdpo reads lm_head.weight outside the lm_head's call, which FSDP shards; not verified with FSDP",
+}
+
+
+def _refuse_options(args) -> None:
+    for name, why in REFUSED.items():
+        value = getattr(args, name, None)
+        if value:
+            raise ValueError(f"FastDPOTrainer: {name}={value!r} is not supported: {why}. Unset it, or use "
+                             "trl.DPOTrainer")
+
+
+def _loss_options(args) -> dict:
+    """DPOConfig's loss options as ``model_dpo_loss`` takes them, checked by fastdpo now rather than at step 1."""
+    options = dict(beta=args.beta, loss_type=list(args.loss_type), loss_weights=args.loss_weights,
+                   label_smoothing=args.label_smoothing, f_divergence_type=args.f_divergence_type,
+                   f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
+                   ld_alpha=args.ld_alpha, use_weighting=args.use_weighting)
+    try:
+        make_params(options["loss_type"], options["loss_weights"], options["beta"], options["label_smoothing"],
+                    options["f_divergence_type"], options["f_alpha_divergence_coef"], LOSS_DEFAULTS["gamma"],
+                    options["discopop_tau"], ld_alpha=options["ld_alpha"], use_weighting=options["use_weighting"])
+    except ValueError as e:
+        raise ValueError(f"FastDPOTrainer: DPOConfig: {e}") from None
+    return options
+
+
+def _refuse_aux_loss(model, args) -> None:
+    """TRL adds an MoE model's load-balancing loss from the router logits, which fastdpo's forward does not return.
+    (The condition is TRL's ``aux_loss_enabled``.)"""
+    text_config = model.config.get_text_config()
+    coef = args.router_aux_loss_coef
+    coef = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
+    if hasattr(text_config, "output_router_logits") and coef != 0.0:
+        raise ValueError(f"FastDPOTrainer: router_aux_loss_coef={coef} ({type(model).__name__}'s MoE load-balancing "
+                         "loss) is not supported: it needs the router logits, which fastdpo's forward does not "
+                         "return. Set DPOConfig(router_aux_loss_coef=0.0)")
+
+
+def _check_inputs(model, ref_model, args, train_dataset, processing_class, peft_config) -> None:
+    """What can be refused before TRL's constructor runs (and precomputes the reference log-probs)."""
+    for lm in (model, ref_model):
+        if lm is not None and not isinstance(lm, str):
+            output_head(lm)                     # a head fastdpo cannot fuse raises, naming the model's class
+            _refuse_aux_loss(lm, args)
+    peft = peft_config if peft_config is not None else (model.active_peft_config if is_peft_model(model) else None)
+    if peft is not None and peft.is_prompt_learning:
+        raise ValueError(f"FastDPOTrainer: prompt-learning PEFT ({peft.peft_type}) is not supported: its virtual "
+                         "tokens enter through inputs_embeds or the key/value cache, which fastdpo's forward does not "
+                         "take. Use an adapter such as LoRA")
+    sample = next(iter(train_dataset)) if train_dataset is not None else {}
+    if isinstance(processing_class, ProcessorMixin) or "image" in sample or "images" in sample:
+        raise ValueError("FastDPOTrainer: vision-language models and image datasets are not supported: fastdpo's "
+                         "forward takes input_ids and attention_mask only")
+
+
+def _route_forward(model) -> None:
+    """``model(fastdpo=fn)`` runs ``fn(model)`` inside the model's forward; any other call is the forward as it was.
+
+    The policy pass must go through ``model(...)``: accelerate wraps the forward of the model it prepares (DDP's
+    gradient synchronization, mixed-precision autocast), and a call of the backbone and head from outside would
+    miss those wrappers. TRL attaches its own fused head to the forward the same way."""
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(self, *args, fastdpo=None, **kwargs):
+        return original(*args, **kwargs) if fastdpo is None else fastdpo(self)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _labels(inputs) -> torch.Tensor:
+    """TRL's labels: the completion tokens, -100 elsewhere (Hugging Face style, shifted inside fastdpo)."""
+    return inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+
+
+class FastDPOTrainer(DPOTrainer):
+    """TRL's ``DPOTrainer`` (same arguments, same outputs) whose log-probs and loss come from fastdpo's fused ops.
+
+    See the module docstring for what is overridden, what is not logged and which options raise."""
+
+    _tag_names = [*DPOTrainer._tag_names, "fastdpo"]
+
+    def __init__(self, *args, **kwargs):
+        given = _DPO_SIGNATURE.bind(self, *args, **kwargs).arguments
+        config = given.get("args")
+        if config is not None:
+            _refuse_options(config)
+            _loss_options(config)
+            _check_inputs(given.get("model"), given.get("ref_model"), config, given.get("train_dataset"),
+                          given.get("processing_class"), given.get("peft_config"))
+        super().__init__(*args, **kwargs)
+        _refuse_options(self.args)              # args=None: TRL's default DPOConfig; a str model: now loaded
+        self._fastdpo_options = _loss_options(self.args)
+        output_head(self.model)
+        _refuse_aux_loss(self.model, self.args)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(f"FastDPOTrainer: {REFUSED['deepspeed' if self.is_deepspeed_enabled else 'fsdp']}")
+        _route_forward(self.model)
+
+    __init__.__signature__ = _DPO_SIGNATURE
+
+    def _sequence_logps(self, model, inputs) -> torch.Tensor:
+        """[2B] log-probs of a TRL batch (LD-DPO-weighted under ld_alpha, as TRL's)."""
+        kwargs = {k: inputs[k] for k in MODEL_INPUTS[1:] if k in inputs}
+        if self.ld_alpha is None:
+            return model_sequence_logps(model, inputs["input_ids"], _labels(inputs), **kwargs)
+        # model_sequence_logps gives plain sums; model_dpo_loss's log-probs are the LD-weighted ones (its
+        # reference-free loss is dropped)
+        return model_dpo_loss(model, inputs["input_ids"], _labels(inputs), ld_alpha=self.ld_alpha,
+                              return_logps=True, **kwargs)[2]
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs (chosen [B], rejected [B]) of a padded batch, through fastdpo's fused head."""
+        adapter = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            peft_model = self.accelerator.unwrap_model(self.model)
+            adapter = use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
+        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+              adapter, self.accelerator.autocast()):
+            logps = self._sequence_logps(self.accelerator.unwrap_model(model), inputs)
+        return logps.chunk(2)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
+        extra = sorted(set(model_inputs) - set(MODEL_INPUTS))
+        if extra:
+            raise ValueError(f"FastDPOTrainer: the batch has model inputs {extra}; fastdpo's forward takes "
+                             f"{list(MODEL_INPUTS)} only")
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(
+                self.model if self.ref_model is None else self.ref_model, inputs)
+        options = {k: v for k, v in model_inputs.items() if k != "input_ids"} | self._fastdpo_options
+
+        def policy(unwrapped):
+            return model_dpo_loss(unwrapped, inputs["input_ids"], _labels(inputs), ref_chosen, ref_rejected,
+                                  return_logps=True, **options)
+
+        loss, _, logps = model(fastdpo=policy)
+        self._log_batch_metrics(mode, inputs, logps, ref_chosen, ref_rejected)
+        if not return_outputs:
+            return loss
+        warnings.warn("`return_outputs=True`, and the logits it passes to `compute_metrics`, are deprecated in TRL "
+                      "and recomputed with an extra forward pass (full logits), as TRL's DPOTrainer does.",
+                      FutureWarning, stacklevel=2)
+        with torch.no_grad():
+            return loss, model(**model_inputs)
+
+    def _log_batch_metrics(self, mode, inputs, logps, ref_chosen, ref_rejected) -> None:
+        """TRL's metrics of one batch, gathered across processes as TRL gathers them."""
+        if mode == "train":
+            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        chosen, rejected = logps.chunk(2)
+        chosen_rewards, rejected_rewards = self.beta * (chosen - ref_chosen), self.beta * (rejected - ref_rejected)
+        values = {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+                  "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+                  "rewards/margins": chosen_rewards - rejected_rewards,
+                  "logps/chosen": chosen, "logps/rejected": rejected}
+        for key, value in values.items():
+            self._metrics[mode][key].append(self.accelerator.gather(value).mean().item())
