@@ -462,7 +462,7 @@ def one_long_pair(args, tmp: str, model_dir: str, n_params: int) -> None:
         print(f"  long pair {m}: {json.dumps(results[m])}", file=sys.stderr, flush=True)
     plain, trl = results.get("fastdpo_plain", {}), results.get("trl", {})
     lines = [f"\n### One pair: a {prompt}-token prompt and two {reply}-token replies (EOS included), "
-             f"{args.mem_steps} optimizer steps", "", header(), "",
+             f"{args.mem_steps} optimizer step{'s' if args.mem_steps > 1 else ''}", "", header(), "",
              "| method | layout | peak RSS (GB) | × plain | × TRL | training peak (GB) | × plain | × TRL | last step (s) "
              "| tokens computed / step | loss step 1 → last |", "|---|---|" + "---:|" * 8 + "---|"]
     for m, r in results.items():
@@ -473,7 +473,7 @@ def one_long_pair(args, tmp: str, model_dir: str, n_params: int) -> None:
         lines.append(f"| {LABEL[m]} | {r['layout']} | {r['peak_gb']:.2f} | {ratio(r['peak_gb'], plain.get('peak_gb'))}"
                      f" | {ratio(r['peak_gb'], trl.get('peak_gb'))} | {gb(r['step_peak_gb'])} | "
                      f"{ratio(r['step_peak_gb'], plain.get('step_peak_gb'))} | "
-                     f"{ratio(r['step_peak_gb'], trl.get('step_peak_gb'))} | {r['times'][-1]:.1f} | {r['tokens'][-1]} | "
+                     f"{ratio(r['step_peak_gb'], trl.get('step_peak_gb'))} | {r['times'][-1]:.1f} | {r['tokens'][-1]:.0f} | "
                      f"{r['losses'][0]:.4f} → {r['losses'][-1]:.4f} |")
     lines += ["", f"Model {n_params / 1e6:.1f} M parameters (Llama, D {D} × {LAYERS} layers, V {V}), fp32; each method "
               f"in its own process ({args.rlimit_gb:g} GB address-space limit, {args.timeout:.0f} s timeout); peak RSS = "

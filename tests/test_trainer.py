@@ -327,12 +327,12 @@ DIE_AT_STEP_4 = """
 import sys
 from fastdpo.train import cli, trainer
 real, calls = trainer.pair_loss, []
-def pair_loss_or_die(*args, return_logps=False, **kwargs):   # every rank: killed at step 4 (the reference pass
-    if not return_logps:                                        # does not count); the last checkpoint is step 2
-        calls.append(1)
+def pair_loss_or_die(policy, *args, **kwargs):     # every rank: killed at step 4 (the reference pass and the
+    if policy.training:                              # evaluations, in eval mode, do not count); the last
+        calls.append(1)                              # checkpoint is step 2
         if len(calls) == 4:
             raise RuntimeError("killed")
-    return real(*args, return_logps=return_logps, **kwargs)
+    return real(policy, *args, **kwargs)
 trainer.pair_loss = pair_loss_or_die
 sys.exit(cli.main())
 """
