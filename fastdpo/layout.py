@@ -200,6 +200,21 @@ def allowed(batch: PackedBatch, window=None) -> torch.Tensor:
     return ok[:, None]
 
 
+def reply_allowed(batch: CacheBatch, window=None) -> torch.Tensor:
+    """[2B, 1, R, P + R] bool: may reply query t attend to key k, the P cached prompt keys (of its own pair) first,
+    then the R reply keys of its own row (causally)."""
+    R, dev = batch.reply_ids.shape[1], batch.reply_ids.device
+    prompt_ok = batch.prompt_mask.bool().repeat_interleave(2, 0)[:, None, :]                # [2B, 1, P]
+    t = torch.arange(R, device=dev)
+    reply_ok = (t[:, None] >= t[None, :])[None] & batch.reply_mask.bool()[:, None, :]         # [2B, R, R]
+    prompt_ok = prompt_ok.expand(-1, R, -1)
+    if window is not None:
+        q = batch.reply_positions[:, :, None]
+        prompt_ok = prompt_ok & (q - batch.prompt_positions.repeat_interleave(2, 0)[:, None, :] < window)
+        reply_ok = reply_ok & (q - batch.reply_positions[:, None, :] < window)
+    return torch.cat([prompt_ok, reply_ok], 2)[:, None]
+
+
 def _block_mask(batch: PackedBatch, window):
     from torch.nn.attention.flex_attention import create_block_mask
     seq, part, pos = batch.sequence, batch.part, batch.position_ids
@@ -213,22 +228,31 @@ def _block_mask(batch: PackedBatch, window):
     return create_block_mask(mask_mod, R, None, L, L, device=seq.device)
 
 
-def attention_masks(batch: PackedBatch, config, dtype: torch.dtype):
+def attention_masks(batch, config, dtype: torch.dtype, cached=None):
     """The mask argument a Hugging Face backbone takes for ``batch``: one 4D mask, or {layer type: mask} for
-    models with ``config.layer_types``; additive in ``dtype`` for eager and sdpa, a BlockMask for flex_attention."""
+    models with ``config.layer_types``; additive in ``dtype`` for eager and sdpa, a BlockMask for flex_attention.
+    A CacheBatch: the mask of its reply pass (eager and sdpa); ``cached`` {layer type (None without layer_types):
+    prompt keys its cache holds} (a sliding-window cache keeps only the last window - 1)."""
     impl = getattr(config, "_attn_implementation", None) or "eager"
+    if isinstance(batch, CacheBatch) and impl == "flex_attention":
+        raise ValueError("the prompt-cache reply mask is built for eager and sdpa attention")
     if impl not in ("eager", "sdpa", "flex_attention"):
         raise ValueError(f"the packed/shared layout needs attention that takes a custom mask (eager, sdpa or "
                          f"flex_attention); this model runs {impl!r}")
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
 
-    def one(w):
+    def one(w, layer_type=None):
         if impl == "flex_attention":
             return _block_mask(batch, w)
         # additive, in the attention's dtype, for eager and sdpa alike: sdpa would otherwise convert a bool mask
-        # in every layer (measured on the CPU at 8k tokens: 1.3 GB peak instead of 2.2 GB, and 15% faster)
-        ok = allowed(batch, w)
+        # in every layer, and keep each layer's copy for its backward (measured on the CPU at 8k tokens: 1.3 GB
+        # peak instead of 2.2 GB, and 15% faster; the prompt cache's reply pass at 24k + 2 x 4k: see models.py)
+        if isinstance(batch, PackedBatch):
+            ok = allowed(batch, w)
+        else:
+            P = batch.prompt_ids.shape[1]
+            ok = reply_allowed(batch, w)[..., P - cached[layer_type]:]       # the keys outside are outside w
         return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, torch.finfo(dtype).min)
     if types is None:
         return one(window)
@@ -236,4 +260,4 @@ def attention_masks(batch: PackedBatch, config, dtype: torch.dtype):
     if unknown:
         raise ValueError(f"the packed/shared layout needs attention layers only; this model has {sorted(unknown)} "
                          "layers, whose state would carry across sequences")
-    return {t: one(window if t == "sliding_attention" else None) for t in set(types)}
+    return {t: one(window if t == "sliding_attention" else None, t) for t in set(types)}

@@ -65,6 +65,28 @@ def test_eager_attention_takes_an_additive_mask():
     assert_same(logps_and_grads(model, lambda: fastdpo.model_pair_logps(model, batch)), plain, "eager")
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2-softcap"])
+def test_prompt_cache_reply_pass_gets_one_additive_mask(family, monkeypatch):
+    """The reply pass gets one float [2B, 1, R, kv] mask per layer type, built once: from a 2D mask sdpa would
+    convert a bool one, and keep the copy for its backward, in every layer (measured: 7.3 GB instead of 5.5 GB
+    at 24k + 2 x 4k tokens). A sliding-window cache holds only the last window - 1 prompt keys."""
+    model = tiny(family)
+    pairs = make_pairs()
+    batch = prompt_cache_batch(pairs, 0)
+    backbone = heads.head_rule(model).backbone_of(model)
+    masks, forward = [], backbone.forward
+    monkeypatch.setattr(backbone, "forward", lambda *a, **k: masks.append(k["attention_mask"]) or forward(*a, **k))
+    fastdpo.model_pair_logps(model, batch)
+    reply = masks[1] if isinstance(masks[1], dict) else {"full_attention": masks[1]}
+    P, (B2, R) = batch.prompt_ids.shape[1], batch.reply_ids.shape
+    window = getattr(model.config, "sliding_window", None)
+    for layer_type, mask in reply.items():
+        kv = R + (min(P, window - 1) if layer_type == "sliding_attention" else P)
+        assert mask.dtype == torch.float32 and mask.shape == (B2, 1, R, kv), layer_type
+    if isinstance(masks[1], dict):
+        assert set(reply) == {"full_attention", "sliding_attention"}
+
+
 def test_flex_attention_block_mask_forward():
     """FlexAttention has no backward on the CPU: the block mask is checked in the forward."""
     model = tiny("llama")
