@@ -112,6 +112,22 @@ def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, monk
         assert os.path.exists(os.path.join(interrupted.output_dir, "checkpoint-6", name)), name
 
 
+def test_resume_of_a_run_written_before_an_option_existed(tmp_path):
+    """A saved config.json without a newer option's key (--ld-alpha, --use-weighting) counts as its default."""
+    first = config(tmp_path, steps=2, eval_every=0, save_every=0)
+    trainer.train(first)
+    path = os.path.join(first.output_dir, "config.json")
+    with open(path) as f:
+        saved = json.load(f)
+    del saved["ld_alpha"], saved["use_weighting"]
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    trainer.train(config(tmp_path, steps=3, eval_every=0, save_every=0, resume=True))
+    assert [s for s, _ in losses(first.output_dir)] == [1, 2, 3]
+    with pytest.raises(ValueError, match="use_weighting False then, True now"):
+        trainer.train(config(tmp_path, steps=4, eval_every=0, save_every=0, resume=True, use_weighting=True))
+
+
 def test_old_checkpoint_format_gets_a_clear_message(tmp_path):
     out = tmp_path / "old"
     (out / "checkpoint").mkdir(parents=True)

@@ -20,7 +20,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .. import __version__
-from .config import TrainConfig
+from .config import FIELDS, TrainConfig
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "training.png", "model", "tensorboard", "wandb")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -97,6 +97,8 @@ def check_output_dir(cfg: TrainConfig, world: int) -> str:
 def check_same_config(cfg: TrainConfig, old: dict, out: str) -> None:
     """--resume: the options that change what is computed must be the saved ones (those still on auto, such as
     the layout before the model is loaded, are compared once resolved)."""
+    # a key the saved config lacks (written before the option existed) had the option's default
+    old = {**{k: f.default for k, f in FIELDS.items()}, **old}
     diff = [k for k in TrainConfig.RESUME_KEYS if getattr(cfg, k) is not None and old.get(k) != getattr(cfg, k)]
     if diff:
         raise ValueError(f"--resume: {out!r} was written by a different config ({', '.join(diff)} differ: "
