@@ -59,10 +59,13 @@ class FusedLinearDPO(torch.autograd.Function):
     """(hidden [2B, T, D], weight, bias, labels, ref_c, ref_r) -> (loss, pc, pr); gradients formed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_c, ref_r, lp: LogpsParams, dp, kind: str):
+    def forward(ctx, hidden, weight, bias, labels, ref_c, ref_r, lp: LogpsParams, dp, kind: str, grad: bool):
+        """grad: autograd records this call (grad mode was on at ``apply``); without it no gradient is formed
+        (``needs_input_grad`` reflects requires_grad even under no_grad: a reference pass or an evaluation
+        would pay for two products it discards). The log-probs do not depend on it."""
         one_pass = _pairs_pass if kind == "pairs" else _tied_pass
-        loss, logps, (dh, dw, db) = one_pass(hidden, weight, bias, labels, ref_c, ref_r, lp, dp, kind,
-                                             ctx.needs_input_grad[:3])
+        needs = tuple(grad and n for n in ctx.needs_input_grad[:3])
+        loss, logps, (dh, dw, db) = one_pass(hidden, weight, bias, labels, ref_c, ref_r, lp, dp, kind, needs)
         ctx.grads = (None if dh is None else dh.view(hidden.shape).to(hidden.dtype),
                      None if dw is None else dw.to(weight.dtype),
                      None if db is None else db.to(bias.dtype))
@@ -75,7 +78,7 @@ class FusedLinearDPO(torch.autograd.Function):
     def backward(ctx, grad, _pc, _pr):
         grads = [None if g is None else g * grad.to(g.dtype) for g in ctx.grads]
         ctx.grads = None
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _terms(dp):
@@ -123,6 +126,8 @@ def _tied_pass(hidden, weight, bias, labels, ref_c, ref_r, lp: LogpsParams, dp, 
                     k_y = k.gather(1, yc[:, None])
                 logp, _ = _chunked._logp_and_lse_(z, yc)          # z now holds log_softmax
                 logps[s] += logp.sum()
+                if not any(needs):
+                    continue
                 m = z.exp_()                                      # p
                 if k_y is not None:
                     m.mul_(k)                                     # M = p * k
@@ -134,6 +139,8 @@ def _tied_pass(hidden, weight, bias, labels, ref_c, ref_r, lp: LogpsParams, dp, 
             None if ref_c is None else ref_c[i:i + 1].to(cdt), None if ref_r is None else ref_r[i:i + 1].to(cdt),
             lengths[i:i + 1], lengths[B + i:B + i + 1], _terms(dp), dp.pair_kwargs(), B, "torch")
         loss += pair.loss
+        if not any(needs):
+            continue
         g = pair.dc.sum().item()
         if need_dw:
             dw.add_(acc_w, alpha=g)
@@ -193,6 +200,8 @@ def _pairs_pass(hidden, weight, bias, labels, ref_c, ref_r, lp: LogpsParams, dp,
             _terms(dp), dp.pair_kwargs(), B, "triton")
         loss += pair.loss
         logps[i0:i1], logps[B + i0:B + i1] = seq[:P], seq[P:]
+        if not any(needs):
+            continue
         g = torch.cat([pair.dc, pair.dr]).index_select(0, local // T)          # [n] per token
         unit = fp16_unit(g) if h.dtype == torch.float16 else None
         dh_c = torch.empty(n, D, **f32) if need_dh else None

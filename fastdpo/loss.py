@@ -318,7 +318,7 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if fused is not None:
         lp = logps_params(ignore_index, logit_scale, softcap, temperature)
         loss, pc, pr = FusedLinearDPO.apply(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps,
-                                            lp, params, fused)
+                                            lp, params, fused, torch.is_grad_enabled())
         out = loss, _metrics(pc, pr, ref_chosen_logps, ref_rejected_logps, params.beta)
         return (*out, torch.cat([pc, pr]).detach()) if return_logps else out
     logps, plain = _weighted_logps(hidden, weight, labels, params.ld_alpha, logp_kw)

@@ -100,6 +100,27 @@ def test_one_pass_path_matches_generic(loss_type, softcap, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.requires_triton)])
+def test_one_pass_under_no_grad_forms_no_gradient(backend, monkeypatch):
+    """A reference pass or an evaluation (no_grad, parameters that require grad): the same loss and log-probs,
+    bitwise, and none of the gradient products."""
+    from fastdpo import _chunked
+    from fastdpo.kernels import tiles
+    one_pass_budget(monkeypatch)
+    hidden, weight, labels, ref = make_batch()
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    h, w = hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+    kw = dict(beta=0.1, backend=backend, one_pass=True, return_logps=True)
+    loss, _, logps = L.linear_dpo_loss(h, w, labels, *ref.to(dtype).chunk(2), **kw)
+    assert type(loss.grad_fn).__name__ == "FusedLinearDPOBackward"
+    fail = lambda *a, **k: pytest.fail("a gradient product ran under no_grad")  # noqa: E731
+    monkeypatch.setattr(_chunked, "accumulate_chunk", fail)
+    monkeypatch.setattr(tiles, "chunk_grads", fail)
+    with torch.no_grad():
+        loss_ng, _, logps_ng = L.linear_dpo_loss(h, w, labels, *ref.to(dtype).chunk(2), **kw)
+    assert torch.equal(loss_ng, loss.detach()) and torch.equal(logps_ng, logps)
+
+
 # ------------------------------------------------ the one pass on the Triton path (interpreter)
 
 ONE_PASS_CASES = [("sigmoid", torch.float32), ("sigmoid", torch.bfloat16), ("sigmoid", torch.float16),
