@@ -210,3 +210,36 @@ def logits_bwd(x, idx, y, g, p: LogpsParams):
         z.mul_(-ga).scatter_add_(1, y[sl, None], ga_y)                    # alpha g (onehot k_y - p k)
         dx.index_copy_(0, idx[sl], z.to(x.dtype))
     return dx
+
+
+# ------------------------------------------------ the one pass's chunks of whole pairs (``_fused_loss._pairs_pass``)
+
+def pair_rows(vocab: int, dtype: torch.dtype, softcap) -> int:
+    """Scored tokens per chunk of whole pairs: their [tokens, V] buffers (with softcap: two) fit CHUNK_BYTES."""
+    return CHUNK_BYTES // (vocab * torch.finfo(dtype).bits // 8 * (1 if softcap is None else 2))
+
+
+def chunk_logits(h, w, bias, rows, y, x, p: LogpsParams):
+    """x [n, V] (written) = log_softmax(z) of the scored tokens h[rows]; returns (hc = h[rows] [n, D], logp, lse)."""
+    hc = h.index_select(0, rows).to(x.dtype)
+    logp, lse = _logp_and_lse_(_linear_logits(x, hc, w, bias, p), y)
+    return hc, logp, lse
+
+
+def chunk_grads(x, hc, w, y, lse, g, p: LogpsParams, *, dh, dw, db):
+    """Gradients of sum_t g_t logp_t for the chunk whose log-softmax ``chunk_logits`` left in x (overwritten):
+    dL = alpha g (onehot k_y - p k) [n, V]; dh [n, D] written, dw [V, D] and db [V] added to; any may be None."""
+    ga = (g * p.alpha)[:, None]                                            # [n, 1]
+    if p.softcap is None:
+        gy, m = ga, x.exp_()                                               # p
+    else:
+        z = x + lse[:, None]                                               # z = log_softmax + lse
+        k = _softcap_slope(z, p, out=z)
+        gy, m = ga * k.gather(1, y[:, None]), x.exp_().mul_(k)             # M = p * k
+    dl = m.mul_(-ga).scatter_add_(1, y[:, None], gy)
+    if dh is not None:
+        torch.mm(dl, w, out=dh)
+    if dw is not None:
+        dw.addmm_(dl.t(), hc)
+    if db is not None:
+        db.add_(dl.sum(0))

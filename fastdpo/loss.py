@@ -16,7 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _pair_loss
-from ._fused_loss import LENGTH_TIED, TIED, FusedLinearDPO, pair_token_counts, tie
+from ._fused_loss import LENGTH_TIED, TIED, FusedLinearDPO, pair_cap, pair_chunks, pair_token_counts, tie
 from ._validate import check_labels, check_linear_inputs
 from .logps import logps_params, resolve_backend, sequence_logps
 from .reference import F_DIVERGENCES, LOSS_TYPES
@@ -279,13 +279,15 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     sequence_logps' four (no logit recompute); ``"auto"`` where it applies, ``True``
     forces it (a ValueError says why it cannot), ``False`` never. ``None``: "auto" on
     the chunked PyTorch path, ``FASTDPO_ONE_PASS`` (default "off") on the Triton one.
-    Chunked PyTorch path (CPU): fp32/fp64 and sigmoid, hinge, exo_pair, robust, discopop
-    (or, length-normalized, ipo, sigmoid_norm, simpo) with reverse KL, whose rejected
-    gradient is tied to the chosen one; one extra [V, D] fp32 accumulator. Triton path
-    (CUDA): any per-pair loss, chunks of whole pairs whose fp32 logits fit
-    ``kernels.config.ONE_PASS_BYTES`` (1 GiB; longer pairs: sequence_logps + dpo_loss),
-    plus an fp32 [V, D] accumulator; not yet measured on a GPU. Otherwise, and for
-    references that require grad, sequence_logps + dpo_loss.
+    Chunked PyTorch path (CPU, fp32/fp64): any per-pair loss, chunks of whole pairs whose
+    [tokens, V] buffers fit ``_chunked.CHUNK_BYTES`` (128 MiB); a longer pair, pair by pair
+    for sigmoid, hinge, exo_pair, robust, discopop (or, length-normalized, ipo,
+    sigmoid_norm, simpo) with reverse KL, whose rejected gradient is tied to the chosen
+    one (one extra [V, D] fp32 accumulator). Triton path (CUDA): any per-pair loss, chunks
+    of whole pairs whose fp32 logits fit ``kernels.config.ONE_PASS_BYTES`` (1 GiB; longer
+    pairs: sequence_logps + dpo_loss), plus an fp32 [V, D] accumulator; not yet measured
+    on a GPU. Otherwise (losses that couple the pairs of a batch, such as bco_pair), and
+    for references that require grad, sequence_logps + dpo_loss.
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise ValueError("hidden must be a tensor [2B, T, D]: the B chosen rows, then the B rejected rows")
@@ -314,7 +316,7 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     check_linear_inputs(hidden, weight, bias)
     labels = check_labels(labels, hidden.shape[:2], hidden.device, weight.shape[0], ignore_index)
     fused = _one_pass(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, params, backend,
-                      one_pass, ignore_index, o["pair_weights"] is not None)
+                      one_pass, ignore_index, o["pair_weights"] is not None, softcap)
     if fused is not None:
         lp = logps_params(ignore_index, logit_scale, softcap, temperature)
         loss, pc, pr = FusedLinearDPO.apply(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps,
@@ -380,8 +382,8 @@ ONE_PASS_CHOICES = (None, "auto", True, False)
 
 
 def _one_pass(hidden, weight, bias, labels, ref_c, ref_r, params: DPOParams, backend: str, option,
-              ignore_index: int, weighted: bool) -> Optional[str]:
-    """The one-pass kind ("tied" / "length": chunked PyTorch path; "pairs": Triton) when the one pass
+              ignore_index: int, weighted: bool, softcap) -> Optional[str]:
+    """The one-pass kind ("torch_pairs", or "tied" / "length": chunked PyTorch path; "pairs": Triton) when the one pass
     is asked for and applies, else None (sequence_logps + dpo_loss); ValueError when forced in vain."""
     if option not in ONE_PASS_CHOICES:
         raise ValueError(f"one_pass must be None, 'auto', True or False, got {option!r}")
@@ -392,14 +394,15 @@ def _one_pass(hidden, weight, bias, labels, ref_c, ref_r, params: DPOParams, bac
         option = {"off": False, "auto": "auto", "on": True}[one_pass_mode()]
     if option is False:
         return None
-    kind, why = _one_pass_kind(hidden, weight, labels, ref_c, ref_r, params, backend, ignore_index, weighted)
+    kind, why = _one_pass_kind(hidden, weight, labels, ref_c, ref_r, params, backend, ignore_index, weighted,
+                               softcap)
     if kind is None and option is True:
         raise ValueError(f"one_pass=True: the one pass does not apply here: {why}")
     return kind
 
 
 def _one_pass_kind(hidden, weight, labels, ref_c, ref_r, params: DPOParams, backend: str, ignore_index: int,
-                   weighted: bool):
+                   weighted: bool, softcap):
     """(kind, None) where the one pass applies, else (None, the reason)."""
     if backend not in ("torch", "triton"):
         return None, f"backend {backend!r} has no one-pass path"
@@ -416,18 +419,22 @@ def _one_pass_kind(hidden, weight, labels, ref_c, ref_r, params: DPOParams, back
         return None, "only one of ref_chosen_logps and ref_rejected_logps is given"   # dpo_loss raises
     if ref_c is None and not set(params.loss_types) <= set(REFERENCE_FREE_LOSSES):
         return None, f"loss_type {list(params.loss_types)} needs reference log-probs"
-    if backend == "torch":
-        if hidden.dtype not in (torch.float32, torch.float64):
-            return None, f"the chunked PyTorch path's one pass runs in fp32/fp64, not {hidden.dtype}"
-        kind = tie(params.loss_types, params.f_divergence_type)
-        return kind, None if kind else ("the chunked PyTorch path's one pass needs a loss whose rejected gradient "
-                                        f"is tied to the chosen one ({list(TIED + LENGTH_TIED)}) with reverse_kl")
-    if set(params.loss_types) & set(BATCH_LOSSES):
-        return None, f"{sorted(set(params.loss_types) & set(BATCH_LOSSES))} couple the pairs of a batch"
-    from .kernels.config import ONE_PASS_BYTES, pair_chunks
-    if pair_chunks(pair_token_counts(labels, ignore_index), weight.shape[0]) is None:
-        return None, f"a pair's fp32 logits exceed ONE_PASS_BYTES ({ONE_PASS_BYTES} bytes)"
-    return "pairs", None
+    if backend == "torch" and hidden.dtype not in (torch.float32, torch.float64):
+        return None, f"the chunked PyTorch path's one pass runs in fp32/fp64, not {hidden.dtype}"
+    kind = "pairs" if backend == "triton" else "torch_pairs"
+    coupled = sorted(set(params.loss_types) & set(BATCH_LOSSES))
+    fits = pair_chunks(pair_token_counts(labels, ignore_index),
+                       pair_cap(kind, weight.shape[0], hidden.dtype, softcap)) is not None
+    if not coupled and fits:
+        return kind, None
+    why = (f"{coupled} couple the pairs of a batch" if coupled else
+           "a pair's fp32 logits exceed ONE_PASS_BYTES" if backend == "triton" else
+           "a pair's [tokens, V] buffers exceed the chunk budget (_chunked.CHUNK_BYTES)")
+    if backend == "triton":
+        return None, why
+    tied = tie(params.loss_types, params.f_divergence_type)      # chunked pair by pair, any length
+    return tied, None if tied else (f"{why}, and the pair-by-pair pass needs a loss whose rejected gradient is "
+                                    f"tied to the chosen one ({list(TIED + LENGTH_TIED)}) with reverse_kl")
 
 
 class DPOLoss(torch.nn.Module):

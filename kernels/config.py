@@ -4,7 +4,7 @@ Fixed configurations by default. ``FASTDPO_BLOCKS="BN,BV,BD,WARPS[,STAGES]"`` ov
 the linear kernels' tiles for experiments (e.g. tuning on a new card), ``FASTDPO_SLICE_MB``
 the vocabulary backward's dL workspace. The paths themselves: ``FASTDPO_FWD``,
 ``FASTDPO_BWD`` and ``FASTDPO_ONE_PASS`` (below). The chunk schedules are pure
-functions of the sizes (``vocab_slices``, ``forward_tiles``, ``pair_chunks``), so that
+functions of the sizes (``vocab_slices``, ``forward_tiles``), so that
 tests can check the GPU's schedule on the CPU.
 Under ``TRITON_INTERPRET=1`` small tiles keep the CPU interpreter quick and
 exercise every boundary of the loops.
@@ -133,24 +133,6 @@ def forward_tiles(n: int, vocab: int) -> tuple:
 
 # The one-pass linear_dpo_loss: the fp32 logits [tokens, V] of one chunk of whole pairs.
 ONE_PASS_BYTES = 1 << 30
-
-
-def pair_chunks(pair_tokens: list, vocab: int, budget: int = None) -> list:
-    """[(i0, i1)]: consecutive pairs whose fp32 logits (scored tokens x V x 4 bytes) fit the budget
-    together, or None when a single pair does not fit (the one pass does not apply)."""
-    budget = ONE_PASS_BYTES if budget is None else budget
-    cap = budget // (4 * vocab)
-    if any(t > cap for t in pair_tokens):
-        return None
-    chunks, start, held = [], 0, 0
-    for i, t in enumerate(pair_tokens):
-        if held + t > cap:
-            chunks.append((start, i))
-            start, held = i, 0
-        held += t
-    if pair_tokens:
-        chunks.append((start, len(pair_tokens)))
-    return chunks
 
 
 def _parse_blocks(text: str) -> Blocks:

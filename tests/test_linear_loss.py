@@ -100,6 +100,52 @@ def test_one_pass_path_matches_generic(loss_type, softcap, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "nca_pair", "apo_zero", ["sigmoid", "ipo"], "simpo", "sppo_hard"])
+@pytest.mark.parametrize("softcap", [None, 4.0], ids=["nocap", "cap4"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS.get)
+def test_pairs_one_pass_on_the_cpu_matches_generic(loss_type, softcap, dtype, monkeypatch):
+    """The chunked path's one pass over chunks of whole pairs (one or two a chunk: at most 40 scored tokens), any
+    per-pair loss (nca_pair, apo_zero, sppo_hard, js_divergence: not tied), with bias, scale, temperature and
+    softcap: equal to
+    sequence_logps + dpo_loss; a chunk that cannot hold a pair takes the pair-by-pair pass (tied losses) or none."""
+    from fastdpo import _chunked, _fused_loss
+    V = 101
+    monkeypatch.setattr(_chunked, "CHUNK_BYTES", 40 * V * torch.finfo(dtype).bits // 8 * (1 if softcap is None else 2))
+    kinds = []
+    real = _fused_loss._pairs_pass
+    monkeypatch.setattr(_fused_loss, "_pairs_pass", lambda *a: kinds.append(a[8]) or real(*a))
+    hidden, weight, labels, ref = make_batch()
+    bias = torch.randn(V, dtype=torch.float64)
+    kw = dict(beta=0.2, loss_type=loss_type, softcap=softcap, logit_scale=1.3, temperature=0.9,
+              f_divergence_type="js_divergence" if isinstance(loss_type, list) else "reverse_kl",
+              loss_weights=[1.0, 0.4] if isinstance(loss_type, list) else None)
+    ref_c, ref_r = (None, None) if loss_type == "simpo" else ref.to(dtype).chunk(2)
+    results = []
+    for one_pass, dt in (("auto", dtype), (False, dtype), (False, torch.float64)):     # the last: fp64 truth
+        h, w, b = (t.to(dtype).to(dt).requires_grad_() for t in (hidden, weight, bias))   # the same inputs
+        rc, rr = (None, None) if ref_c is None else (ref_c.to(dt), ref_r.to(dt))
+        loss, metrics = L.linear_dpo_loss(h, w, labels, rc, rr, bias=b, one_pass=one_pass, **kw)
+        assert (type(loss.grad_fn).__name__ == "FusedLinearDPOBackward") == (one_pass == "auto")
+        loss.backward()
+        results.append((loss, h.grad, w.grad, b.grad, metrics["rewards/margins"]))
+    assert kinds == ["torch_pairs"]
+    for name, got, generic, truth in zip(["loss", "d_hidden", "d_weight", "d_bias", "margins"], *results):
+        if dtype == torch.float64:
+            torch.testing.assert_close(got, generic, rtol=1e-9, atol=1e-12)
+        else:
+            assert_no_worse_than_reference(got.reshape(-1), generic.reshape(-1), truth.reshape(-1), dtype, what=name)
+    monkeypatch.setattr(_chunked, "CHUNK_BYTES", 20 * V * torch.finfo(dtype).bits // 8)     # 36 tokens do not fit
+    h, w = hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+    kinds.clear()
+    tied = "simpo" if loss_type == "simpo" else "sigmoid"
+    loss, _ = L.linear_dpo_loss(h, w, labels, ref_c, ref_r, **{**kw, "loss_weights": None, "loss_type": tied,
+                                                                "f_divergence_type": "reverse_kl"})
+    assert kinds == [] and type(loss.grad_fn).__name__ == "FusedLinearDPOBackward"     # the tied pass
+    if loss_type in ("nca_pair", "apo_zero", "sppo_hard"):
+        with pytest.raises(ValueError, match="exceed the chunk budget.*tied to the chosen one"):
+            L.linear_dpo_loss(h, w, labels, ref_c, ref_r, one_pass=True, **kw)
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.requires_triton)])
 def test_one_pass_under_no_grad_forms_no_gradient(backend, monkeypatch):
     """A reference pass or an evaluation (no_grad, parameters that require grad): the same loss and log-probs,
