@@ -45,13 +45,18 @@ def plain(pairs):
 
 def mask(pairs):
     ref = torch.zeros(len(pairs))
-    return fastdpo.model_pair_dpo_loss(model, pack_pairs(pairs, 0), ref, ref)[0]
+    return fastdpo.model_pair_dpo_loss(model, pack_pairs(pairs, 0), ref, ref, attention="dense")[0]
+
+def span(pairs):
+    ref = torch.zeros(len(pairs))
+    row = sum(len(p) + len(c) + len(r) for p, c, r in pairs)
+    return fastdpo.model_pair_dpo_loss(model, pack_pairs(pairs, 0, max_tokens=row), ref, ref, attention="span")[0]
 
 def cache(pairs):
     ref = torch.zeros(len(pairs))
     return fastdpo.model_pair_dpo_loss(model, prompt_cache_batch(pairs, 0), ref, ref)[0]
 
-routes = {"plain": plain, "mask": mask, "cache": cache}
+routes = {"plain": plain, "mask": mask, "span": span, "cache": cache}
 def run(fn, pairs):
     model.zero_grad(set_to_none=True)
     t = time.perf_counter()

@@ -19,15 +19,21 @@ attention implementation with a cache), no packing; it needs the cache, so not w
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 
+from ._attention import span_mask
+
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
-# Where the prompt cache beats the custom mask (CPU, 2 cores, Llama D 256 x 4 layers, sdpa): from a longest
+# Where the prompt cache beats the dense custom mask (CPU, 2 cores, Llama D 256 x 4 layers, sdpa): from a longest
 # [prompt, chosen, rejected] of about 2k tokens the cache route, whose prompt pass keeps causal attention, is
 # faster (one pair of 2k: 0.9 s vs 1.3 s; 16k + 2 x 1k: 27 s vs 51 s, 2.8 GB vs 3.6 GB peak); below it the
-# mask is (2 pairs of ~450 tokens: 0.67x the plain layout's time vs 0.74x). Not measured on a GPU.
+# mask is (2 pairs of ~450 tokens: 0.67x the plain layout's time vs 0.74x). Not measured on a GPU. Span attention
+# (fastdpo._attention, no dense mask) matches the cache at 16k + 2 x 1k (22.5 s vs 21.9 s, 2.57 GB vs 2.69 GB
+# peak) and packs: the trainer takes it instead wherever it applies.
 PROMPT_CACHE_FROM = 2048
 
 
@@ -215,6 +221,25 @@ def reply_allowed(batch: CacheBatch, window=None) -> torch.Tensor:
     return torch.cat([prompt_ok, reply_ok], 2)[:, None]
 
 
+def spans(batch: PackedBatch) -> Optional[tuple]:
+    """Per row, ((start, causal, shared, rejected), ...): the blocks ``allowed`` opens, for
+    ``_attention.span_attention``; None when a sequence's parts are not [prompt, chosen, rejected] in order."""
+    out = []
+    for seq_row, part_row in zip(batch.sequence.tolist(), batch.part.tolist()):
+        row, col = [], 0
+        for n, run in itertools.groupby(zip(seq_row, part_row), key=lambda x: x[0]):
+            parts = [p for _, p in run]
+            if n >= 0:
+                counts = [parts.count(k) for k in (PROMPT, CHOSEN, REJECTED)]
+                if parts != sorted(parts) or sum(counts) != len(parts):
+                    return None
+                np_, nc, nr = counts
+                row.append((col, np_ + nc, np_, nr))
+            col += len(parts)
+        out.append(tuple(row))
+    return tuple(out)
+
+
 def _block_mask(batch: PackedBatch, window):
     from torch.nn.attention.flex_attention import create_block_mask
     seq, part, pos = batch.sequence, batch.part, batch.position_ids
@@ -228,11 +253,13 @@ def _block_mask(batch: PackedBatch, window):
     return create_block_mask(mask_mod, R, None, L, L, device=seq.device)
 
 
-def attention_masks(batch, config, dtype: torch.dtype, cached=None):
+def attention_masks(batch, config, dtype: torch.dtype, cached=None, with_spans: bool = False):
     """The mask argument a Hugging Face backbone takes for ``batch``: one 4D mask, or {layer type: mask} for
     models with ``config.layer_types``; additive in ``dtype`` for eager and sdpa, a BlockMask for flex_attention.
     A CacheBatch: the mask of its reply pass (eager and sdpa); ``cached`` {layer type (None without layer_types):
-    prompt keys its cache holds} (a sliding-window cache keeps only the last window - 1)."""
+    prompt keys its cache holds} (a sliding-window cache keeps only the last window - 1). ``with_spans`` (a
+    PackedBatch, eager/sdpa, for a backbone run inside ``_attention.spans_attention``): placeholders that carry
+    the layout's spans instead (``_attention.span_mask``; the dense mask when the layout has none)."""
     impl = getattr(config, "_attn_implementation", None) or "eager"
     if isinstance(batch, CacheBatch) and impl == "flex_attention":
         raise ValueError("the prompt-cache reply mask is built for eager and sdpa attention")
@@ -242,9 +269,7 @@ def attention_masks(batch, config, dtype: torch.dtype, cached=None):
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
 
-    def one(w, layer_type=None):
-        if impl == "flex_attention":
-            return _block_mask(batch, w)
+    def dense(w, layer_type=None):
         # additive, in the attention's dtype, for eager and sdpa alike: sdpa would otherwise convert a bool mask
         # in every layer, and keep each layer's copy for its backward (measured on the CPU at 8k tokens: 1.3 GB
         # peak instead of 2.2 GB, and 15% faster; the prompt cache's reply pass at 24k + 2 x 4k: see models.py)
@@ -254,6 +279,15 @@ def attention_masks(batch, config, dtype: torch.dtype, cached=None):
             P = batch.prompt_ids.shape[1]
             ok = reply_allowed(batch, w)[..., P - cached[layer_type]:]       # the keys outside are outside w
         return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, torch.finfo(dtype).min)
+
+    def one(w, layer_type=None):
+        if impl == "flex_attention":
+            return _block_mask(batch, w)
+        if row_spans is None:
+            return dense(w, layer_type)
+        R, L = batch.input_ids.shape
+        return span_mask(row_spans, (R, 1, L, L), w, lambda: dense(w), dtype, batch.input_ids.device)
+    row_spans = spans(batch) if with_spans and isinstance(batch, PackedBatch) and impl != "flex_attention" else None
     if types is None:
         return one(window)
     unknown = set(types) - {"full_attention", "sliding_attention"}

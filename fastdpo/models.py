@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ._attention import spans_attention
 from .heads import check_layout_support, head_rule
 from .layout import CacheBatch, PackedBatch, attention_masks
 from .logps import sequence_logps
@@ -192,6 +193,51 @@ def _mask_dtype(base, device_type: str) -> torch.dtype:
     return next(base.parameters()).dtype
 
 
+def _checkpointing(base) -> bool:
+    """Gradient checkpointing on (transformers 5.x: is_activation_checkpointing; before: is_gradient_checkpointing)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(base), name) or hasattr(base, name):
+            return bool(getattr(base, name))
+    return False
+
+
+ATTENTION = ("auto", "span", "dense")
+
+
+def attends_by_span(model, device_type: str) -> bool:
+    """``attention="auto"``: whether a PackedBatch's attention runs span by span (``fastdpo._attention``: only the
+    blocks its mask opens, and no [L, L] mask, so rows may hold a whole micro-batch): sdpa on the CPU, where it was
+    measured (not yet on a GPU), and not with gradient checkpointing (its recompute, in the backward, would take
+    the dense mask)."""
+    base = _base(model)
+    return (device_type == "cpu" and getattr(base.config, "_attn_implementation", None) == "sdpa"
+            and not _checkpointing(base))
+
+
+def _span_route(base, device_type: str, attention: str) -> bool:
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    if attention == "auto":
+        return attends_by_span(base, device_type)
+    if attention == "span":
+        impl = getattr(base.config, "_attn_implementation", None)
+        if impl != "sdpa":
+            raise ValueError(f"attention='span' runs sdpa span by span; {type(base).__name__} runs {impl!r}")
+        if _checkpointing(base):
+            raise ValueError("attention='span' with gradient checkpointing: its recompute would take the dense mask")
+    return attention == "span"
+
+
+def _check_span_calls(base, masks) -> None:
+    """Every attention layer ran through span_attention (a layer that bypassed transformers' attention
+    interface would have met the placeholder)."""
+    pinned = [m.fastdpo_spans for m in (masks.values() if isinstance(masks, dict) else [masks])
+              if hasattr(m, "fastdpo_spans")]
+    if pinned and sum(s.calls for s in pinned) != base.config.num_hidden_layers:
+        raise RuntimeError(f"{type(base).__name__}: {sum(s.calls for s in pinned)} of its "
+                           f"{base.config.num_hidden_layers} attention layers ran through fastdpo's span attention")
+
+
 def _cached_prompt_keys(cache, config) -> dict:
     """{layer type (None without config.layer_types): prompt keys its layers' cache holds}."""
     types = getattr(config, "layer_types", None)
@@ -204,7 +250,7 @@ def _cached_prompt_keys(cache, config) -> dict:
     return out
 
 
-def _pair_inputs(model, batch):
+def _pair_inputs(model, batch, attention: str):
     """The fused op's inputs for a PackedBatch or CacheBatch: one backbone pass (two with the cache), the hidden
     state predicting each target gathered into [2B, T, D] (chosen sequences first)."""
     base = _base(model)
@@ -213,11 +259,15 @@ def _pair_inputs(model, batch):
     backbone = rule.backbone_of(base)
     if isinstance(batch, PackedBatch):
         dtype = _mask_dtype(base, batch.input_ids.device.type)
-        out = backbone(input_ids=batch.input_ids, attention_mask=attention_masks(batch, base.config, dtype),
-                       position_ids=batch.position_ids, use_cache=False)
+        by_span = _span_route(base, batch.input_ids.device.type, attention)
+        masks = attention_masks(batch, base.config, dtype, with_spans=by_span)
+        with spans_attention(base) if by_span else contextlib.nullcontext():
+            out = backbone(input_ids=batch.input_ids, attention_mask=masks, position_ids=batch.position_ids,
+                           use_cache=False)
+        _check_span_calls(base, masks)
         flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
     elif isinstance(batch, CacheBatch):
-        if getattr(base, "is_gradient_checkpointing", False) and base.training:
+        if _checkpointing(base) and base.training:
             raise ValueError("the prompt-cache layout needs the key/value cache, which gradient checkpointing turns "
                              "off; use pack_pairs")
         first = backbone(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
@@ -242,18 +292,24 @@ def _pair_inputs(model, batch):
     return _fused_inputs(model, flat[batch.index], batch.labels)
 
 
-def model_pair_logps(model, batch, *, average: bool = False, backend: str = "auto") -> torch.Tensor:
+def model_pair_logps(model, batch, *, average: bool = False, backend: str = "auto",
+                     attention: str = "auto") -> torch.Tensor:
     """[2B] log-probs (the B chosen replies, then the B rejected ones) of pairs laid out by
     ``fastdpo.layout.pack_pairs`` or ``prompt_cache_batch``: equal to ``model_sequence_logps`` on the plain padded
-    layout, with each prompt encoded once."""
-    hidden, weight, options, labels = _pair_inputs(model, batch)
+    layout, with each prompt encoded once.
+
+    ``attention`` (a PackedBatch): "dense" hands the backbone the layout's [R, 1, L, L] mask; "span" runs sdpa over
+    only the blocks it opens (``fastdpo._attention``; sdpa models, no gradient checkpointing); "auto": span where
+    ``attends_by_span`` says so (the CPU), else dense. The same values either way, rounding apart."""
+    hidden, weight, options, labels = _pair_inputs(model, batch, attention)
     with _fused_precision(hidden.device.type):
         return sequence_logps(hidden, weight, labels, average=average, backend=backend, **options)
 
 
-def model_pair_dpo_loss(model, batch, ref_chosen_logps=None, ref_rejected_logps=None, **loss_options):
-    """``model_dpo_loss`` for pairs laid out by ``fastdpo.layout`` (see ``model_pair_logps``)."""
-    hidden, weight, options, labels = _pair_inputs(model, batch)
+def model_pair_dpo_loss(model, batch, ref_chosen_logps=None, ref_rejected_logps=None, *, attention: str = "auto",
+                        **loss_options):
+    """``model_dpo_loss`` for pairs laid out by ``fastdpo.layout`` (``attention``: see ``model_pair_logps``)."""
+    hidden, weight, options, labels = _pair_inputs(model, batch, attention)
     with _fused_precision(hidden.device.type):
         return linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, **options,
                                **loss_options)

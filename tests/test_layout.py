@@ -1,11 +1,15 @@
 """Long-context layouts (fastdpo.layout): the shared prompt, packing and the prompt cache give the plain padded
 layout's log-probs and every parameter's gradient (fp32), sliding windows and softcaps included."""
+import contextlib
+import itertools
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import fastdpo
-from fastdpo import heads
-from fastdpo.layout import CHOSEN, PROMPT, REJECTED, allowed, pack_pairs, prompt_cache_batch
+from fastdpo import _attention, heads, models
+from fastdpo.layout import CHOSEN, PROMPT, REJECTED, allowed, attention_masks, pack_pairs, prompt_cache_batch, spans
 from fastdpo.train.prefs import Example, collate
 
 from conftest import GRAD_FLOOR, MODEL_RTOL
@@ -152,3 +156,94 @@ def test_models_with_recurrent_layers_raise():
     model.config.layer_types = ["full_attention", "linear_attention"]
     with pytest.raises(ValueError, match=r"attention layers only; this model has \['linear_attention'\]"):
         fastdpo.model_pair_logps(model, pack_pairs(make_pairs(), 0))
+
+
+# ------------------------------------------------ span attention (fastdpo._attention)
+
+SPAN_FAMILIES = [f for f in LAYOUT_FAMILIES if f != "gemma2-softcap"]      # gemma2 runs eager (attention softcap)
+SPAN_SIZES = ((7, 5, 3), (0, 4, 2), (3, 6, 9), (12, 2, 4), (1, 3, 3))      # an empty prompt too
+
+
+@pytest.mark.parametrize("family", SPAN_FAMILIES)
+def test_span_attention_equals_the_dense_mask(family, monkeypatch):
+    """Every layer through span_attention's own blocks (the dense fallback fails the test): the dense mask's
+    log-probs and gradients, with one row for the whole batch, rows of 40 (padding at their ends) and unshared
+    sequences; GQA (2 key/value heads of 4) and sliding windows of 4 that cut into the prompt included."""
+    model = tiny(family)
+    pairs = make_pairs(sizes=SPAN_SIZES)
+    total = sum(map(len, itertools.chain(*pairs)))
+    batches = {"one row": pack_pairs(pairs, 0, max_tokens=total), "rows of 40": pack_pairs(pairs, 0, max_tokens=40),
+               "unshared": pack_pairs(pairs, 0, share_prompt=False, max_tokens=2 * total)}
+    for name, batch in batches.items():
+        dense = logps_and_grads(model, lambda: fastdpo.model_pair_logps(model, batch, attention="dense"))
+        with monkeypatch.context() as m:
+            m.setattr(_attention, "_dense", lambda *a: pytest.fail("span_attention fell back to the dense mask"))
+            span = logps_and_grads(model, lambda: fastdpo.model_pair_logps(model, batch, attention="span"))
+        assert_same(span, dense, f"{family} {name}")
+
+
+def test_span_attention_is_the_cpu_default_and_leaves_the_config_as_it_was(monkeypatch):
+    model = tiny("llama")
+    calls = []
+    real = _attention.span_attention
+    monkeypatch.setattr(_attention, "span_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fastdpo.model_pair_logps(model, pack_pairs(make_pairs(), 0))
+    assert len(calls) == model.config.num_hidden_layers and model.config._attn_implementation == "sdpa"
+    calls.clear()
+    fastdpo.model_pair_logps(model, pack_pairs(make_pairs(), 0), attention="dense")
+    assert not calls
+
+
+def test_span_attention_kernel_against_sdpa_and_its_dense_fallback():
+    """span_attention on its own: [R, H, L, d] queries against sdpa with the layout's dense mask, window and GQA;
+    a keyword it does not know sends it to sdpa with the dense mask, built once."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    batch = pack_pairs(make_pairs(sizes=SPAN_SIZES), 0, max_tokens=30)
+    R, L = batch.input_ids.shape
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(R, 4, L, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(R, 2, L, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=2)
+    valid = (batch.sequence >= 0)[:, :, None, None]                       # padding outputs are never read
+    for window in (None, 3):
+        config = SimpleNamespace(_attn_implementation="sdpa", sliding_window=window)
+        dense = attention_masks(batch, config, torch.float64)
+        want, _ = sdpa_attention_forward(module, q, k, v, dense, scaling=0.3)
+        placeholder = attention_masks(batch, config, torch.float64, with_spans=True)
+        assert placeholder.untyped_storage().nbytes() == 8                # no [L, L] mask
+        got, _ = _attention.span_attention(module, q, k, v, placeholder, scaling=0.3)
+        torch.testing.assert_close(got * valid, want * valid, rtol=1e-12, atol=1e-12)
+        fallback, _ = _attention.span_attention(module, q, k, v, placeholder, scaling=0.3, unknown=1.0)
+        torch.testing.assert_close(fallback, want, rtol=1e-12, atol=1e-12)
+        assert placeholder.fastdpo_spans.calls == 2 and "dense" in placeholder.fastdpo_spans.masks
+    assert spans(batch)[0][0] == (0, 12, 7, 3)                             # (start, causal, shared, rejected)
+
+
+def test_span_placeholder_never_passes_silently(monkeypatch):
+    """An attention that is not span_attention gets NaN scores, and the call raises; so does span_attention given
+    the placeholder without its spans (a copy or a slice of it)."""
+    model = tiny("llama")
+    batch = pack_pairs(make_pairs(), 0)
+    monkeypatch.setattr(models, "spans_attention", lambda base: contextlib.nullcontext())
+    with pytest.raises(RuntimeError, match="0 of its 2 attention layers ran through fastdpo's span attention"):
+        fastdpo.model_pair_logps(model, batch, attention="span")
+    config = SimpleNamespace(_attn_implementation="sdpa", sliding_window=None)
+    placeholder = attention_masks(batch, config, torch.float32, with_spans=True)
+    q = torch.randn(*batch.input_ids.shape[:1], 4, batch.input_ids.shape[1], 8)
+    with pytest.raises(ValueError, match="placeholder mask reached the attention without its spans"):
+        _attention.span_attention(SimpleNamespace(is_causal=True), q, q, q, placeholder[:, :, :5])
+
+
+def test_attention_option_is_checked():
+    model = tiny("llama")
+    batch = pack_pairs(make_pairs(), 0)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        fastdpo.model_pair_logps(model, batch, attention="sparse")
+    model.config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="attention='span' runs sdpa span by span; LlamaForCausalLM runs 'eager'"):
+        fastdpo.model_pair_logps(model, batch, attention="span")
+    model.config._attn_implementation = "sdpa"
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="attention='span' with gradient checkpointing"):
+        fastdpo.model_pair_logps(model, batch, attention="span")
+    assert not models.attends_by_span(model, "cpu")
