@@ -7,12 +7,12 @@
     python bench/trainer_compare.py --one-long-pair [--mem-steps 2] [--timeout 900]
 
 Methods (``--methods``): ``fastdpo`` (the `fastdpo train` defaults for the model: --share-prompt --packing
-resolved on), ``fastdpo_cache`` (the prompt through the key/value cache: share_prompt, no packing, prompt_cache),
-``fastdpo_plain`` (no sharing, no packing: two padded rows per pair), ``trl`` (TRL's DPOTrainer with
-gradient checkpointing off and fp32, as fastdpo runs here), ``trl_fastdpo`` (``fastdpo.integrations.trl.
-FastDPOTrainer``: TRL's DPOTrainer, same config, one class swapped) and, when asked for, ``fastdpo_mask`` (the
-shared and packed layout with its custom attention mask at every length: --prompt-cache off, where the default
-switches to the cache for long pairs) and ``trl_gc`` (TRL's own default, gradient checkpointing on). All get the
+resolved on, and on this CPU --span-attention), ``fastdpo_cache`` (the prompt through the key/value cache:
+share_prompt, no packing, prompt_cache), ``fastdpo_plain`` (no sharing, no packing: two padded rows per pair),
+``trl`` (TRL's DPOTrainer with gradient checkpointing off and fp32, as fastdpo runs here), ``trl_fastdpo``
+(``fastdpo.integrations.trl.FastDPOTrainer``: TRL's DPOTrainer, same config, one class swapped) and, when asked
+for, ``fastdpo_mask`` (the shared and packed layout with its dense custom attention mask at every length:
+--no-span-attention --no-prompt-cache) and ``trl_gc`` (TRL's own default, gradient checkpointing on). All get the
 same randomly initialized Llama-architecture model (built from a config,
 no downloads), the same tokenizer (one whitespace word = one token, so both trainers see the same ids), the same
 pairs in the same micro-batches in the same order (fastdpo's seeded order; TRL reads the data in it with a
@@ -53,9 +53,9 @@ METHODS = ("fastdpo", "fastdpo_cache", "fastdpo_plain", "trl", "trl_fastdpo", "f
 DEFAULT_METHODS = METHODS[:5]
 LAYOUTS = {"fastdpo": {}, "fastdpo_cache": dict(share_prompt=True, packing=False, prompt_cache=True),
            "fastdpo_plain": dict(share_prompt=False, packing=False),
-           "fastdpo_mask": dict(share_prompt=True, packing=True, prompt_cache=False)}
+           "fastdpo_mask": dict(share_prompt=True, packing=True, prompt_cache=False, span_attention=False)}
 LABEL = {"fastdpo": "fastdpo default", "fastdpo_cache": "fastdpo prompt-cache", "fastdpo_plain": "fastdpo plain",
-         "trl": "TRL DPOTrainer", "trl_fastdpo": "FastDPOTrainer (TRL + fastdpo)", "fastdpo_mask": "fastdpo shared+packed mask", "trl_gc": "TRL + grad. ckpt"}
+         "trl": "TRL DPOTrainer", "trl_fastdpo": "FastDPOTrainer (TRL + fastdpo)", "fastdpo_mask": "fastdpo shared+packed dense mask", "trl_gc": "TRL + grad. ckpt"}
 STYLE = {"fastdpo": dict(marker="o", ms=9, mfc="none", lw=2.5), "fastdpo_cache": dict(marker="s", ls="--"),
          "fastdpo_plain": dict(marker="^"), "trl": dict(marker="D"), "trl_fastdpo": dict(marker="P", ls="-."), "fastdpo_mask": dict(marker="v", ls=":"),
          "trl_gc": dict(marker="x", ls="--")}      # the default and the cache route coincide on long pairs
@@ -178,8 +178,8 @@ def child_fastdpo(method: str, spec: dict) -> dict:
         steps = [r for r in map(json.loads, f) if "step_time_s" in r]
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)
-    layout = "+".join(k for k in ("share_prompt", "packing", "prompt_cache") if cfg.get(k)) or "plain"
-    if cfg["share_prompt"] and cfg.get("prompt_cache", False) is None:      # auto: chosen per micro-batch
+    layout = "+".join(k for k in ("share_prompt", "packing", "prompt_cache", "span_attention") if cfg.get(k)) or "plain"
+    if cfg["share_prompt"] and cfg.get("prompt_cache", False) is None and not cfg.get("span_attention"):
         from fastdpo.layout import PROMPT_CACHE_FROM
         layout += f", prompt_cache auto (≥ {PROMPT_CACHE_FROM})"
     return dict(times=[r["step_time_s"] for r in steps], cpu=[b - a for a, b in zip(cpu, cpu[1:len(steps) + 1])],

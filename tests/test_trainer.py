@@ -480,11 +480,11 @@ def test_low_precision_compute_keeps_float32_master_weights(tmp_path):
 
 
 def test_shared_and_packed_layout_trains_as_the_plain_one(tmp_path):
-    """--share-prompt --packing (the default for Llama) and --no-share-prompt --no-packing: the same losses and
-    rewards, rounding apart (the backbone sees other row shapes)."""
+    """--share-prompt --packing (the default for Llama; on the CPU with --span-attention) and --no-share-prompt
+    --no-packing: the same losses and rewards, rounding apart (the backbone sees other row shapes)."""
     runs = {}
     for name, layout in (("plain", dict(share_prompt=False, packing=False)), ("shared", {}),
-                         ("cache", dict(packing=False, prompt_cache=True))):
+                         ("dense", dict(span_attention=False)), ("cache", dict(packing=False, prompt_cache=True))):
         cfg = config(tmp_path, name, steps=3, eval_every=0, save_every=0, **layout)
         trainer.train(cfg)
         with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
@@ -492,8 +492,9 @@ def test_shared_and_packed_layout_trains_as_the_plain_one(tmp_path):
         with open(os.path.join(cfg.output_dir, "config.json")) as f:
             saved = json.load(f)
         assert (saved["share_prompt"], saved["packing"]) == ((False, False) if name == "plain" else
-                                                              (True, name == "shared")), name
-    for name in ("shared", "cache"):
+                                                              (True, name in ("shared", "dense"))), name
+        assert saved["span_attention"] == (name in ("shared", "cache")), name      # the CPU default (sdpa)
+    for name in ("shared", "dense", "cache"):
         assert runs[name][0]["rewards/margins"] == 0.0
         for a, b in zip(runs[name], runs["plain"]):
             for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):

@@ -63,9 +63,14 @@ class TrainConfig:
                                         "model supports it)")
     prompt_cache: Optional[bool] = opt(None, "share the prompt through the key/value cache (prompt once, then both "
                                              "replies as its continuations) instead of a custom attention mask "
-                                             "(default: for micro-batches whose longest pair has 2048 tokens or "
-                                             "more, where it was measured faster; never with gradient "
-                                             "checkpointing); --prompt-cache needs --no-packing")
+                                             "(default: without --span-attention, for micro-batches whose longest "
+                                             "pair has 2048 tokens or more, where it was measured faster than the "
+                                             "dense mask; never with gradient checkpointing); --prompt-cache "
+                                             "needs --no-packing")
+    span_attention: Optional[bool] = opt(None, "the shared/packed layout's attention span by span: sdpa over only "
+                                               "the blocks its mask opens, no [L, L] mask, a micro-batch's "
+                                               "sequences packed into one row (default: on the CPU with sdpa and "
+                                               "without gradient checkpointing, where it was measured faster)")
     # DPO
     beta: float = opt(0.1, "DPO beta", above=0.0)
     loss_type: str = opt("sigmoid", "fastdpo.loss loss type (TRL's names, or simpo), or several, comma-separated")
@@ -136,7 +141,8 @@ class TrainConfig:
                    "f_alpha_divergence_coef", "ld_alpha", "use_weighting", "torch_dtype", "attn_implementation",
                    "max_length", "beta",
                    "loss_type", "batch_size", "max_tokens", "grad_accum", "lr", "weight_decay", "warmup_steps",
-                   "schedule", "max_grad_norm", "disable_dropout", "share_prompt", "packing", "prompt_cache", "seed", "lora_r",
+                   "schedule", "max_grad_norm", "disable_dropout", "share_prompt", "packing", "prompt_cache", "span_attention",
+                   "seed", "lora_r",
                    "lora_alpha", "lora_dropout", "lora_target_modules")
 
 

@@ -137,13 +137,17 @@ def layout_inputs(examples, idx, pad_id, cfg: TrainConfig, device):
         return "plain", (input_ids, labels), dict(attention_mask=mask), input_ids.numel()
     pairs = [(e.prompt, e.chosen, e.rejected) for e in batch]
     cache = cfg.prompt_cache
-    if cache is None:               # auto: where it was measured faster, and never under gradient checkpointing
-        cache = cfg.share_prompt and not cfg.gradient_checkpointing and prefers_prompt_cache(pairs)
+    if cache is None:   # auto: where it was measured faster (not against span attention), never with checkpointing
+        cache = (cfg.share_prompt and not cfg.gradient_checkpointing and not cfg.span_attention
+                 and prefers_prompt_cache(pairs))
     if cache:
         packed = prompt_cache_batch(pairs, pad_id)
     else:
-        packed = pack_pairs(pairs, pad_id, share_prompt=cfg.share_prompt, packing=cfg.packing)
-    return "pairs", (packed.to(device),), {}, packed.tokens
+        # span attention: one row for the whole micro-batch (no padding; the attention never crosses sequences)
+        row = (sum(len(p) * (1 if cfg.share_prompt else 2) + len(c) + len(r) for p, c, r in pairs)
+               if cfg.span_attention and cfg.packing else None)
+        packed = pack_pairs(pairs, pad_id, share_prompt=cfg.share_prompt, packing=cfg.packing, max_tokens=row)
+    return "pairs", (packed.to(device),), dict(attention="span" if cfg.span_attention else "dense"), packed.tokens
 
 
 def pair_loss(policy, examples, idx, ref, pad_id, cfg: TrainConfig, device, return_logps=False):
@@ -159,9 +163,10 @@ def pair_loss(policy, examples, idx, ref, pad_id, cfg: TrainConfig, device, retu
     return (*out, tokens)
 
 
-def resolve_layout(cfg: TrainConfig, model) -> None:
+def resolve_layout(cfg: TrainConfig, model, device: torch.device) -> None:
     """--share-prompt / --packing: auto -> on where the model supports the layout. --prompt-cache stays auto
-    (None) unless given: then each micro-batch whose pairs are long shares its prompts through the cache."""
+    (None) unless given: then each micro-batch whose pairs are long shares its prompts through the cache.
+    --span-attention: auto -> on where ``fastdpo.models.attends_by_span`` would say so."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     supported = supports_layout(base)
     impl = getattr(base.config, "_attn_implementation", None) or "eager"
@@ -178,6 +183,15 @@ def resolve_layout(cfg: TrainConfig, model) -> None:
     if cfg.prompt_cache and (cfg.packing or cfg.gradient_checkpointing):
         raise ValueError("--prompt-cache needs --no-packing and no --gradient-checkpointing (the key/value cache "
                          "is off under checkpointing)")
+    layout = cfg.share_prompt or cfg.packing
+    if cfg.span_attention is None:
+        cfg.span_attention = bool(layout and impl == "sdpa" and device.type == "cpu" and not cfg.gradient_checkpointing)
+    elif cfg.span_attention:
+        why = ("it applies to --share-prompt/--packing" if not layout else
+               f"it runs sdpa span by span, this model runs {impl}" if impl != "sdpa" else
+               "gradient checkpointing's recompute would take the dense mask" if cfg.gradient_checkpointing else None)
+        if why:
+            raise ValueError(f"--span-attention: {why}; use --no-span-attention")
 
 
 @torch.no_grad()
@@ -375,7 +389,7 @@ class StopSignals:
 
 # ------------------------------------------------------------------------------------------------ the algorithm
 
-def reference_model(cfg: TrainConfig, policy_model):
+def reference_model(cfg: TrainConfig, policy_model, device: torch.device):
     """--ref-model, checked: a head fastdpo can fuse, the policy's vocabulary, the run's layout."""
     ref = load_pretrained(cfg.ref_model, "--ref-model", cfg)
     output_head(ref)
@@ -383,7 +397,7 @@ def reference_model(cfg: TrainConfig, policy_model):
         raise ValueError(f"--ref-model {cfg.ref_model!r} has another vocabulary size than --model; the reference "
                          "must read the same token ids")
     if cfg.share_prompt or cfg.packing:
-        resolve_layout(cfg, ref)                   # the layout must hold for both models
+        resolve_layout(cfg, ref, device)           # the layout must hold for both models
     if cfg.disable_dropout:
         disable_dropout(ref)
     return ref
@@ -415,14 +429,14 @@ def train(cfg: TrainConfig) -> dict:
                                                    split=cfg.dataset_split, eval_dataset=cfg.eval_dataset)
         tokenizer, model = load_model(cfg, train_pairs)
         output_head(model)                          # a family whose head cannot be fused fails here, not later
-        resolve_layout(cfg, model)
+        resolve_layout(cfg, model, device)
         if cfg.disable_dropout:
             disable_dropout(model)
         train_ex = prefs.tokenize(train_pairs, tokenizer, cfg.max_length, "train")
         eval_ex = prefs.tokenize(eval_pairs, tokenizer, cfg.max_length, "eval")
         pad = tokenizer.pad_token_id
         stream = MicroBatches(train_ex, cfg)       # a pair over --max-tokens fails here
-        ref_model = reference_model(cfg, model) if cfg.ref_model else None
+        ref_model = reference_model(cfg, model, device) if cfg.ref_model else None
         model = with_lora(model, cfg)
         runs.start_run(cfg, dist.main)
         source = model if ref_model is None else ref_model
@@ -439,7 +453,7 @@ def train(cfg: TrainConfig) -> dict:
                             device=device.type, dtype=str(dtype), world=dist.world, fsdp=dist.fsdp, pad=pad,
                             attn=getattr(source.config, "_attn_implementation", None), batch_size=cfg.batch_size,
                             share_prompt=cfg.share_prompt, packing=cfg.packing, prompt_cache=cfg.prompt_cache,
-                            max_tokens=cfg.max_tokens)
+                            span_attention=cfg.span_attention, max_tokens=cfg.max_tokens)
             settings["loss"] = cfg.loss_options()      # --ld-alpha weights the log-probs themselves
             ref_train = reference_logps("train", ref_policy, train_ex, pad, digest, {**settings, "seed": cfg.seed},
                                         cfg, dist, amp)
