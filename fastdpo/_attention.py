@@ -143,6 +143,15 @@ def _rejected(q, k_prompt, k_rej, v_prompt, v_rej, spans, dropout, scaling):
     return _sdpa(q, torch.cat([k_prompt, k_rej], 1), torch.cat([v_prompt, v_rej], 1), mask, dropout, scaling)
 
 
+def available() -> bool:
+    """transformers lets a custom attention function be registered (AttentionInterface, 4.48 and later)."""
+    try:
+        from transformers import AttentionInterface  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     AttentionInterface.register(NAME, span_attention)

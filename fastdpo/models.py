@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from . import _attention
 from ._attention import spans_attention
 from .heads import check_layout_support, head_rule
 from .layout import CacheBatch, PackedBatch, attention_masks
@@ -211,7 +212,7 @@ def attends_by_span(model, device_type: str) -> bool:
     the dense mask)."""
     base = _base(model)
     return (device_type == "cpu" and getattr(base.config, "_attn_implementation", None) == "sdpa"
-            and not _checkpointing(base))
+            and not _checkpointing(base) and _attention.available())
 
 
 def _span_route(base, device_type: str, attention: str) -> bool:
@@ -225,6 +226,8 @@ def _span_route(base, device_type: str, attention: str) -> bool:
             raise ValueError(f"attention='span' runs sdpa span by span; {type(base).__name__} runs {impl!r}")
         if _checkpointing(base):
             raise ValueError("attention='span' with gradient checkpointing: its recompute would take the dense mask")
+        if not _attention.available():
+            raise ValueError("attention='span' needs transformers' AttentionInterface (transformers >= 4.48)")
     return attention == "span"
 
 
