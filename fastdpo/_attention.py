@@ -157,6 +157,14 @@ def _register() -> None:
     AttentionInterface.register(NAME, span_attention)
 
 
+def _set_implementation(config, value: str) -> None:
+    """This config only: transformers' property setter would also set every sub-config to ``value``."""
+    if hasattr(config, "_attn_implementation_internal"):
+        config._attn_implementation_internal = value
+    else:
+        config._attn_implementation = value
+
+
 @contextlib.contextmanager
 def spans_attention(model):
     """Within: every config of ``model`` that selects sdpa selects ``span_attention`` instead (restored after)."""
@@ -165,9 +173,9 @@ def spans_attention(model):
                                                                       for m in model.modules()]
                if c is not None and getattr(c, "_attn_implementation", None) == "sdpa"}
     for c in configs.values():
-        c._attn_implementation = NAME
+        _set_implementation(c, NAME)
     try:
         yield
     finally:
         for c in configs.values():
-            c._attn_implementation = "sdpa"
+            _set_implementation(c, "sdpa")

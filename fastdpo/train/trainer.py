@@ -22,7 +22,8 @@ import torch
 from .. import __version__
 from ..heads import supports_layout
 from ..layout import pack_pairs, prefers_prompt_cache, prompt_cache_batch
-from ..models import model_dpo_loss, model_pair_dpo_loss, output_head
+from .._attention import available as span_available
+from ..models import attends_by_span, model_dpo_loss, model_pair_dpo_loss, output_head
 from . import prefs, ref_cache, runs
 from .config import TrainConfig
 from .config import flag as flag_of
@@ -184,12 +185,13 @@ def resolve_layout(cfg: TrainConfig, model, device: torch.device) -> None:
         raise ValueError("--prompt-cache needs --no-packing and no --gradient-checkpointing (the key/value cache "
                          "is off under checkpointing)")
     layout = cfg.share_prompt or cfg.packing
-    if cfg.span_attention is None:
-        cfg.span_attention = bool(layout and impl == "sdpa" and device.type == "cpu" and not cfg.gradient_checkpointing)
+    if cfg.span_attention is None:      # checkpointing is switched on after the reference pass: the flag counts
+        cfg.span_attention = bool(layout and attends_by_span(base, device.type) and not cfg.gradient_checkpointing)
     elif cfg.span_attention:
         why = ("it applies to --share-prompt/--packing" if not layout else
                f"it runs sdpa span by span, this model runs {impl}" if impl != "sdpa" else
-               "gradient checkpointing's recompute would take the dense mask" if cfg.gradient_checkpointing else None)
+               "gradient checkpointing's recompute would take the dense mask" if cfg.gradient_checkpointing else
+               "it needs transformers' AttentionInterface (transformers >= 4.48)" if not span_available() else None)
         if why:
             raise ValueError(f"--span-attention: {why}; use --no-span-attention")
 
