@@ -1,6 +1,7 @@
-"""The three layouts of a DPO batch in one process, on the same batches, in alternation: fwd+bwd time.
+"""The layouts of a DPO batch in one process, on the same batches, in alternation: fwd+bwd time.
 
     python bench/layout_ab.py [short|long] [threads]
+    python bench/layout_ab.py pair PROMPT REPLY     # one long pair: span attention against the prompt cache
 
 Routes: ``plain`` (two padded rows per pair, ``fastdpo.model_dpo_loss``), ``mask`` (``pack_pairs``: one sequence per
 pair, packed, custom attention mask) and ``cache`` (``prompt_cache_batch``: the prompt once through the key/value
@@ -17,20 +18,20 @@ import fastdpo
 from fastdpo.layout import pack_pairs, prompt_cache_batch
 
 kind = sys.argv[1] if len(sys.argv) > 1 else "short"
-threads = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+threads = int(sys.argv[2]) if len(sys.argv) > 2 and kind != "pair" else 0
 if threads:
     torch.set_num_threads(threads)
-P = {"short": (16, 48), "long": (192, 384)}[kind]
+P = {"short": (16, 48), "long": (192, 384), "pair": None}[kind]
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=4096, pad_token_id=0, tie_word_embeddings=False)
+                  num_key_value_heads=4, max_position_embeddings=65536, pad_token_id=0, tie_word_embeddings=False)
 cfg._attn_implementation = "sdpa"
 model = LlamaForCausalLM(cfg)
 rng = random.Random(1)
 def pair():
     w = lambda n: [rng.randrange(4, 32000) for _ in range(n)]
     return w(rng.randint(*P)), w(rng.randint(32, 128) + 1), w(rng.randint(32, 128) + 1)
-batches = [[pair(), pair()] for _ in range(12)]
+batches = [[pair(), pair()] for _ in range(12)] if P else []
 
 def plain(pairs):
     rows = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
@@ -57,6 +58,20 @@ def cache(pairs):
     return fastdpo.model_pair_dpo_loss(model, prompt_cache_batch(pairs, 0), ref, ref)[0]
 
 routes = {"plain": plain, "mask": mask, "span": span, "cache": cache}
+if kind == "pair":                       # one pair, each route twice (the order reversed the second time)
+    n_prompt, n_reply = int(sys.argv[2]), int(sys.argv[3])
+    w = lambda n: [rng.randrange(4, 32000) for _ in range(n)]  # noqa: E731
+    one = [(w(n_prompt), w(n_reply), w(n_reply))]
+    times = {"span": [], "cache": []}
+    for rep in range(2):
+        for k in (list(times) if rep == 0 else list(times)[::-1]):
+            model.zero_grad(set_to_none=True)
+            t = time.perf_counter()
+            routes[k](one).backward()
+            times[k].append(time.perf_counter() - t)
+    print(f"one pair {n_prompt} + 2 x {n_reply}: " + ", ".join(f"{k} {', '.join(f'{x:.2f}' for x in v)} s"
+                                                           for k, v in times.items()))
+    sys.exit()
 def run(fn, pairs):
     model.zero_grad(set_to_none=True)
     t = time.perf_counter()

@@ -33,7 +33,7 @@ PROMPT, CHOSEN, REJECTED = 0, 1, 2
 # faster (one pair of 2k: 0.9 s vs 1.3 s; 16k + 2 x 1k: 27 s vs 51 s, 2.8 GB vs 3.6 GB peak); below it the
 # mask is (2 pairs of ~450 tokens: 0.67x the plain layout's time vs 0.74x). Not measured on a GPU. Span attention
 # (fastdpo._attention, no dense mask) matches the cache at 16k + 2 x 1k (22.5 s vs 21.9 s, 2.57 GB vs 2.69 GB
-# peak) and packs: the trainer takes it instead wherever it applies.
+# peak; at 24k + 2 x 4k, in one process: 70-72 s vs 74-76 s) and packs: the trainer takes it wherever it applies.
 PROMPT_CACHE_FROM = 2048
 
 
