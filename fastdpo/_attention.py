@@ -72,28 +72,30 @@ def span_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
     rows = []
     for q_row, k_row, v_row, spans_row in zip(query.unbind(0), key.unbind(0), value.unbind(0), spans.rows):
-        sizes, end = [], 0
+        plan, sizes, end = [], [], 0      # plan: None for columns no sequence holds, else (shared, rejected)
         for start, causal, shared, rejected in spans_row:
             if start > end:
+                plan.append(None)
                 sizes.append(start - end)
+            plan.append((shared, rejected))
             sizes += [causal] + ([rejected] if rejected else [])
             end = start + causal + rejected
         if end < spans.length:
+            plan.append(None)
             sizes.append(spans.length - end)
         qs, ks, vs = (x.split(sizes, dim=1) for x in (q_row, k_row, v_row))
-        pieces, i, end = [], 0, 0
-        for start, causal, shared, rejected in spans_row:
-            if start > end:                                               # columns no sequence holds
+        pieces, i = [], 0
+        for step in plan:
+            if step is None:
                 pieces.append(torch.zeros_like(vs[i]))
                 i += 1
+                continue
+            shared, rejected = step
             pieces.append(_causal(qs[i], ks[i], vs[i], spans, dropout, scaling))
             if rejected:
                 pieces.append(_rejected(qs[i + 1], ks[i][:, :shared], ks[i + 1], vs[i][:, :shared], vs[i + 1],
                                         spans, dropout, scaling))
             i += 2 if rejected else 1
-            end = start + causal + rejected
-        if end < spans.length:
-            pieces.append(torch.zeros_like(vs[i]))
         rows.append(torch.cat(pieces, 1))
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 
@@ -109,12 +111,16 @@ def _sdpa(q, k, v, mask, dropout, scaling, causal=False):
                                           scale=scaling, is_causal=causal)[0]
 
 
-def _small_mask(spans: Spans, key, build, dtype, device) -> torch.Tensor:
+def additive(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool "may attend" -> the additive mask in ``dtype``: 0 where allowed, the dtype's lowest value elsewhere."""
+    return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, torch.finfo(dtype).min)
+
+
+def _small_mask(spans: Spans, key, build, dtype) -> torch.Tensor:
     """An additive mask built once per shape and dtype for all layers (one copy kept for the backward)."""
     key = (*key, dtype)
     if key not in spans.masks:
-        ok = build()
-        spans.masks[key] = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, torch.finfo(dtype).min)
+        spans.masks[key] = additive(build(), dtype)
     return spans.masks[key]
 
 
@@ -127,7 +133,7 @@ def _causal(q, k, v, spans, dropout, scaling):
         t = torch.arange(n, device=q.device)
         d = t[:, None] - t[None, :]
         return (d >= 0) & (d < w)
-    return _sdpa(q, k, v, _small_mask(spans, ("causal", n), build, q.dtype, q.device), dropout, scaling)
+    return _sdpa(q, k, v, _small_mask(spans, ("causal", n), build, q.dtype), dropout, scaling)
 
 
 def _rejected(q, k_prompt, k_rej, v_prompt, v_rej, spans, dropout, scaling):
@@ -139,7 +145,7 @@ def _rejected(q, k_prompt, k_rej, v_prompt, v_rej, spans, dropout, scaling):
         j = torch.arange(shared, device=q.device)
         return torch.cat([(shared + t[:, None] - j[None, :] < (w or shared + n)).expand(n, shared),
                           (t[:, None] >= t[None, :]) & (t[:, None] - t[None, :] < (w or n))], 1)
-    mask = _small_mask(spans, ("rejected", n, shared), build, q.dtype, q.device)
+    mask = _small_mask(spans, ("rejected", n, shared), build, q.dtype)
     return _sdpa(q, torch.cat([k_prompt, k_rej], 1), torch.cat([v_prompt, v_rej], 1), mask, dropout, scaling)
 
 

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ._attention import span_mask
+from ._attention import additive, span_mask
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 # Where the prompt cache beats the dense custom mask (CPU, 2 cores, Llama D 256 x 4 layers, sdpa): from a longest
@@ -278,7 +278,7 @@ def attention_masks(batch, config, dtype: torch.dtype, cached=None, with_spans: 
         else:
             P = batch.prompt_ids.shape[1]
             ok = reply_allowed(batch, w)[..., P - cached[layer_type]:]       # the keys outside are outside w
-        return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, torch.finfo(dtype).min)
+        return additive(ok, dtype)
 
     def one(w, layer_type=None):
         if impl == "flex_attention":

@@ -286,7 +286,7 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     one (one extra [V, D] fp32 accumulator). Triton path (CUDA): any per-pair loss, chunks
     of whole pairs whose fp32 logits fit ``kernels.config.ONE_PASS_BYTES`` (1 GiB; longer
     pairs: sequence_logps + dpo_loss), plus an fp32 [V, D] accumulator; not yet measured
-    on a GPU. Otherwise (losses that couple the pairs of a batch, such as bco_pair), and
+    on a GPU. Otherwise (losses that couple the pairs of a batch: aot, aot_unpaired, sft), and
     for references that require grad, sequence_logps + dpo_loss.
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:

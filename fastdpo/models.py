@@ -205,14 +205,25 @@ def _checkpointing(base) -> bool:
 ATTENTION = ("auto", "span", "dense")
 
 
+def span_unavailable(model, checkpointing: Optional[bool] = None) -> Optional[str]:
+    """Why ``attention="span"`` cannot run for ``model`` (None: it can). ``checkpointing``: whether gradient
+    checkpointing will be on (default: whether it is)."""
+    base = _base(model)
+    impl = getattr(base.config, "_attn_implementation", None)
+    if impl != "sdpa":
+        return f"it runs sdpa span by span; {type(base).__name__} runs {impl!r}"
+    if _checkpointing(base) if checkpointing is None else checkpointing:
+        return "gradient checkpointing's recompute would take the dense mask"
+    if not _attention.available():
+        return "it needs transformers' AttentionInterface (transformers >= 4.48)"
+    return None
+
+
 def attends_by_span(model, device_type: str) -> bool:
     """``attention="auto"``: whether a PackedBatch's attention runs span by span (``fastdpo._attention``: only the
-    blocks its mask opens, and no [L, L] mask, so rows may hold a whole micro-batch): sdpa on the CPU, where it was
-    measured (not yet on a GPU), and not with gradient checkpointing (its recompute, in the backward, would take
-    the dense mask)."""
-    base = _base(model)
-    return (device_type == "cpu" and getattr(base.config, "_attn_implementation", None) == "sdpa"
-            and not _checkpointing(base) and _attention.available())
+    blocks its mask opens, and no [L, L] mask, so rows may hold a whole micro-batch): where ``span_unavailable``
+    finds nothing missing, on the CPU, where it was measured (not yet on a GPU)."""
+    return device_type == "cpu" and span_unavailable(model) is None
 
 
 def _span_route(base, device_type: str, attention: str) -> bool:
@@ -220,14 +231,9 @@ def _span_route(base, device_type: str, attention: str) -> bool:
         raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
     if attention == "auto":
         return attends_by_span(base, device_type)
-    if attention == "span":
-        impl = getattr(base.config, "_attn_implementation", None)
-        if impl != "sdpa":
-            raise ValueError(f"attention='span' runs sdpa span by span; {type(base).__name__} runs {impl!r}")
-        if _checkpointing(base):
-            raise ValueError("attention='span' with gradient checkpointing: its recompute would take the dense mask")
-        if not _attention.available():
-            raise ValueError("attention='span' needs transformers' AttentionInterface (transformers >= 4.48)")
+    why = span_unavailable(base) if attention == "span" else None
+    if why:
+        raise ValueError(f"attention='span': {why}")
     return attention == "span"
 
 

@@ -68,7 +68,7 @@ BAD_FLAGS = [
     (["--prompt-cache", "--packing"], "--prompt-cache needs --no-packing"),
     (["--prompt-cache", "--no-share-prompt"], "--prompt-cache shares the prompt: it needs --share-prompt"),
     (["--span-attention", "--attn-implementation", "eager"],
-     "--span-attention: it runs sdpa span by span, this model runs eager; use --no-span-attention"),
+     "--span-attention: it runs sdpa span by span; LlamaForCausalLM runs 'eager'; use --no-span-attention"),
     (["--span-attention", "--gradient-checkpointing"], "--span-attention: gradient checkpointing's recompute"),
     (["--span-attention", "--no-share-prompt", "--no-packing"],
      "--span-attention: it applies to --share-prompt/--packing"),

@@ -240,10 +240,10 @@ def test_attention_option_is_checked():
     with pytest.raises(ValueError, match="attention must be one of"):
         fastdpo.model_pair_logps(model, batch, attention="sparse")
     model.config._attn_implementation = "eager"
-    with pytest.raises(ValueError, match="attention='span' runs sdpa span by span; LlamaForCausalLM runs 'eager'"):
+    with pytest.raises(ValueError, match="attention='span': it runs sdpa span by span; LlamaForCausalLM runs 'eager'"):
         fastdpo.model_pair_logps(model, batch, attention="span")
     model.config._attn_implementation = "sdpa"
     model.gradient_checkpointing_enable()
-    with pytest.raises(ValueError, match="attention='span' with gradient checkpointing"):
+    with pytest.raises(ValueError, match="attention='span': gradient checkpointing's recompute"):
         fastdpo.model_pair_logps(model, batch, attention="span")
     assert not models.attends_by_span(model, "cpu")

@@ -22,8 +22,7 @@ import torch
 from .. import __version__
 from ..heads import supports_layout
 from ..layout import pack_pairs, prefers_prompt_cache, prompt_cache_batch
-from .._attention import available as span_available
-from ..models import attends_by_span, model_dpo_loss, model_pair_dpo_loss, output_head
+from ..models import model_dpo_loss, model_pair_dpo_loss, output_head, span_unavailable
 from . import prefs, ref_cache, runs
 from .config import TrainConfig
 from .config import flag as flag_of
@@ -167,7 +166,7 @@ def pair_loss(policy, examples, idx, ref, pad_id, cfg: TrainConfig, device, retu
 def resolve_layout(cfg: TrainConfig, model, device: torch.device) -> None:
     """--share-prompt / --packing: auto -> on where the model supports the layout. --prompt-cache stays auto
     (None) unless given: then each micro-batch whose pairs are long shares its prompts through the cache.
-    --span-attention: auto -> on where ``fastdpo.models.attends_by_span`` would say so."""
+    --span-attention: auto -> on the CPU where ``fastdpo.models.span_unavailable`` finds nothing missing."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     supported = supports_layout(base)
     impl = getattr(base.config, "_attn_implementation", None) or "eager"
@@ -185,13 +184,12 @@ def resolve_layout(cfg: TrainConfig, model, device: torch.device) -> None:
         raise ValueError("--prompt-cache needs --no-packing and no --gradient-checkpointing (the key/value cache "
                          "is off under checkpointing)")
     layout = cfg.share_prompt or cfg.packing
-    if cfg.span_attention is None:      # checkpointing is switched on after the reference pass: the flag counts
-        cfg.span_attention = bool(layout and attends_by_span(base, device.type) and not cfg.gradient_checkpointing)
+    # checkpointing is switched on after the reference pass: the flag counts, for both passes alike
+    missing = span_unavailable(base, cfg.gradient_checkpointing)
+    if cfg.span_attention is None:
+        cfg.span_attention = bool(layout and device.type == "cpu" and missing is None)
     elif cfg.span_attention:
-        why = ("it applies to --share-prompt/--packing" if not layout else
-               f"it runs sdpa span by span, this model runs {impl}" if impl != "sdpa" else
-               "gradient checkpointing's recompute would take the dense mask" if cfg.gradient_checkpointing else
-               "it needs transformers' AttentionInterface (transformers >= 4.48)" if not span_available() else None)
+        why = "it applies to --share-prompt/--packing" if not layout else missing
         if why:
             raise ValueError(f"--span-attention: {why}; use --no-span-attention")
 
