@@ -112,7 +112,7 @@ class LinearLogps(torch.autograd.Function):
         _, rows, y, counts = _scored(labels, params.ignore_index)
         kw = dict(scale=params.logit_scale, softcap=params.softcap, temperature=params.temperature)
         if backend == "triton":
-            from .kernels import logps_fwd
+            from .kernels.logps import logps_fwd
             logp, lse = logps_fwd(h, w, b, rows, y, **kw)
         else:
             keep_tail = any(ctx.needs_input_grad[:3])
@@ -129,7 +129,7 @@ class LinearLogps(torch.autograd.Function):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         g = _token_grads(grad_seq, grad_tok, rows, T, counts, p.average).to(lse.dtype)
         if ctx.backend == "triton":
-            from .kernels import logps_bwd
+            from .kernels.logps import logps_bwd
             dh_rows, dw, db = logps_bwd(
                 h, w, b, rows, y, lse, g, need_dh=need_dh, need_dw=need_dw, need_db=need_db,
                 scale=p.logit_scale, softcap=p.softcap, temperature=p.temperature,
@@ -153,7 +153,7 @@ class LogitsLogps(torch.autograd.Function):
         x = x if x.stride(1) == 1 else x.contiguous()
         flat, rows, y, counts = _scored(labels, params.ignore_index)
         if backend == "triton":
-            from .kernels import logits_logps_fwd
+            from .kernels.logits_logps import logits_logps_fwd
             logp, lse = logits_logps_fwd(x, rows, y, scale=params.logit_scale, softcap=params.softcap,
                                          temperature=params.temperature)
         else:
@@ -169,7 +169,7 @@ class LogitsLogps(torch.autograd.Function):
         p, (B, T, V) = ctx.params, ctx.shape
         g = _token_grads(grad_seq, grad_tok, rows, T, counts, p.average).to(lse.dtype)
         if ctx.backend == "triton":
-            from .kernels import logits_logps_bwd
+            from .kernels.logits_logps import logits_logps_bwd
             M = B * T
             lse_rows = torch.zeros(M, dtype=lse.dtype, device=lse.device).index_copy_(0, rows, lse)
             g_rows = torch.zeros(M, dtype=g.dtype, device=g.device).index_copy_(0, rows, g)
