@@ -7,13 +7,17 @@ name, and a partial or corrupt file is detected (and recomputed), never used.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
+import time
 
 import torch
 
 from ..models import output_head
+from .runs import remove_temporaries, writing
 
 
 class Policy(torch.nn.Module):
@@ -70,12 +74,16 @@ def fingerprint(digest: str, examples, settings: dict) -> str:
     return h.hexdigest()
 
 
+PATTERN = "ref-logps-*.pt"
+
+
 def _path(cache_dir, key):
     return os.path.join(cache_dir, f"ref-logps-{key[:32]}.pt")
 
 
 def load(cache_dir, key, n):
-    """The cached [n, 2] tensor, or None when absent, partial, corrupt or for another key."""
+    """The cached [n, 2] tensor, or None when absent, partial, corrupt or for another key. A hit refreshes the
+    file's modification time: ``fastdpo cache prune`` drops the least recently used first."""
     path = _path(cache_dir, key)
     if not os.path.exists(path):
         return None
@@ -86,13 +94,52 @@ def load(cache_dir, key, n):
               and blob["sha256"] == hashlib.sha256(logps.numpy().tobytes()).hexdigest())
     except Exception:   # truncated or unreadable file: recompute
         ok = False
+    if ok:
+        with contextlib.suppress(OSError):
+            os.utime(path)
     return logps if ok else None
 
 
-def save(cache_dir, key, logps):
-    os.makedirs(cache_dir, exist_ok=True)
+def save(cache_dir, key, logps, about: dict | None = None):
+    """Write the [n, 2] log-probs under their key (``about``: what ``fastdpo cache list`` shows of them)."""
     path = _path(cache_dir, key)
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save({"key": key, "logps": logps, "sha256": hashlib.sha256(logps.numpy().tobytes()).hexdigest()}, tmp)
-    os.replace(tmp, path)
+    with writing(path, "--cache-dir", partial=tmp):
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.save({"key": key, "logps": logps, "sha256": hashlib.sha256(logps.numpy().tobytes()).hexdigest(),
+                    "about": about or {}}, tmp)
+        os.replace(tmp, path)
     return path
+
+
+def remove_partial(cache_dir) -> None:
+    """The partial files of writers that were killed (their process is gone); the cache is shared by runs."""
+    if os.path.isdir(cache_dir):
+        remove_temporaries(cache_dir, live=True)
+
+
+def entries(cache_dir) -> list:
+    """[(path, bytes, last used, about)] of the cached reference log-probs, most recently used first."""
+    found = []
+    for path in glob.glob(os.path.join(cache_dir, PATTERN)):
+        st = os.stat(path)
+        try:
+            about = torch.load(path, weights_only=True).get("about", {})
+        except Exception:
+            about = {"unreadable": True}
+        found.append((path, st.st_size, st.st_mtime, about))
+    return sorted(found, key=lambda e: -e[2])
+
+
+def prune(cache_dir, *, max_bytes=None, older_than_days=None) -> list:
+    """Delete the least recently used entries until the rest fit ``max_bytes``, and every entry unused for
+    ``older_than_days``; returns the deleted paths. A deleted entry is only recomputed when a run needs it."""
+    removed, total, now = [], 0, time.time()
+    for path, size, used, _ in entries(cache_dir):
+        stale = older_than_days is not None and now - used > older_than_days * 86400
+        if stale or (max_bytes is not None and total + size > max_bytes):
+            os.remove(path)
+            removed.append(path)
+        else:
+            total += size
+    return removed

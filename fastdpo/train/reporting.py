@@ -11,6 +11,7 @@ import json
 import os
 
 from .config import TrainConfig
+from .runs import writing
 
 LAST = ("step", "epoch", "learning_rate", "num_tokens")       # not averaged over the logging interval
 
@@ -21,7 +22,7 @@ class Reporter:
         self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
         self.writers = []
         if main:
-            with open(self.path, "w") as f:             # the history up to the checkpoint, nothing after it
+            with writing(self.path, "--output-dir"), open(self.path, "w") as f:   # the history up to the checkpoint
                 f.writelines(json.dumps(r) + "\n" for r in self.history)
             reports = [r.strip() for r in cfg.report_to.split(",")]
             self.writers = [w for w in (_tensorboard(cfg) if "tensorboard" in reports else None,
@@ -42,7 +43,7 @@ class Reporter:
         self.history.append(record)
         if not self.main:
             return
-        with open(self.path, "a") as f:
+        with writing(self.path, "--output-dir"), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for w in self.writers:
             w(record)

@@ -284,7 +284,10 @@ def reference_logps(split: str, policy, examples, pad_id, digest, settings, cfg:
     else:
         logps = eval_logps(policy, examples, pad_id, cfg, dist.device, amp)
     if dist.main:
-        ref_cache.save(cache_dir(cfg), key, logps)
+        ref_cache.save(cache_dir(cfg), key, logps, about=dict(
+            model=cfg.ref_model or cfg.model or "(demo model)", dataset=cfg.eval_dataset if split == "eval" and
+            cfg.eval_dataset else cfg.dataset or "(demo data)", split=split, pairs=len(examples),
+            written=time.strftime("%F %T"), run=cfg.output_dir))
     dist.barrier()
     return logps
 
@@ -406,9 +409,11 @@ def reference_model(cfg: TrainConfig, policy_model, device: torch.device):
 def train(cfg: TrainConfig) -> dict:
     from tqdm.auto import tqdm
 
-    with StopSignals() as stop:
+    with StopSignals() as stop, runs.RunLock(cfg.output_dir) as lock:
         dist = Dist(cfg.fsdp)
-        out = runs.check_output_dir(cfg, dist.world)
+        out = runs.check_output_dir(cfg, dist.world, cache_dir(cfg))
+        lock.hold(dist)                   # one writer per run directory (a new one is locked once it is made)
+        ref_cache.remove_partial(cache_dir(cfg))
         device = dist.device
         dtype = compute_dtype(cfg, device)
         if cfg.max_tokens and dist.world > 1:
@@ -438,7 +443,7 @@ def train(cfg: TrainConfig) -> dict:
         stream = MicroBatches(train_ex, cfg)       # a pair over --max-tokens fails here
         ref_model = reference_model(cfg, model, device) if cfg.ref_model else None
         model = with_lora(model, cfg)
-        runs.start_run(cfg, dist.main)
+        runs.start_run(cfg, dist, lock, runs.run_inputs(cfg, train_ex, eval_ex))
         source = model if ref_model is None else ref_model
         digest = None if cfg.reference_free else dist.from_main(ref_cache.model_digest(source) if dist.main else None)
         policy = dist.wrap(ref_cache.Policy(model))    # on the device; with --fsdp sharded across the ranks
@@ -535,10 +540,11 @@ def train(cfg: TrainConfig) -> dict:
         if dist.main:
             report.close()
             final = os.path.join(out, "model")
-            model.save_pretrained(final, state_dict=dict(model_state))
-            tokenizer.save_pretrained(final)
-            summary.update(plot=plot(out, report.history), model=final)
-            with open(os.path.join(out, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
+            with runs.writing(final, "--output-dir", note=f"; checkpoint-{cfg.steps} holds the trained weights"):
+                model.save_pretrained(final, state_dict=dict(model_state))
+                tokenizer.save_pretrained(final)
+                summary.update(plot=plot(out, report.history), model=final)
+                with open(os.path.join(out, "summary.json"), "w") as f:
+                    json.dump(summary, f, indent=2)
         dist.barrier()
         return summary
