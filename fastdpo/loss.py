@@ -182,7 +182,12 @@ class DPOLossFn(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def _metrics(pc, pr, rc, rr, beta):
+def _metrics(pc, pr, rc, rr, params: DPOParams, lc=None, lr=None):
+    """TRL's reward metrics. With simpo as the only loss type they are TRL's CPOTrainer's: of the log-probs averaged
+    over each reply's scored tokens (lc, lr), without a reference (SimPO has none)."""
+    if set(params.loss_types) == {"simpo"}:
+        pc, pr, rc, rr = pc / lc.clamp(min=1), pr / lr.clamp(min=1), None, None
+    beta = params.beta
     pc, pr = pc.detach(), pr.detach()
     cr = beta * (pc if rc is None else pc - rc.detach())
     rr_ = beta * (pr if rr is None else pr - rr.detach())
@@ -247,7 +252,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     backend = resolve_backend("torch" if backend == "reference" else backend, pc)
     loss = DPOLossFn.apply(pc, pr, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
                            pair_weights, params, backend)
-    return loss, _metrics(pc, pr, ref_chosen_logps, ref_rejected_logps, params.beta)
+    return loss, _metrics(pc, pr, ref_chosen_logps, ref_rejected_logps, params, chosen_lengths, rejected_lengths)
 
 
 def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -262,7 +267,10 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     """Hidden states [2B, T, D] (B chosen rows, then B rejected) and lm_head weight [V, D] -> (loss, metrics).
 
     The reference comes as log-probs [B] each, or as ``ref_hidden`` (+ ``ref_weight``,
-    default ``weight``): then its log-probs are computed by the same fused op under no-grad.
+    default ``weight``, and ``ref_bias``): then its log-probs are computed by the same fused op under no-grad.
+    Without ``ref_weight`` the reference uses the policy's head, ``bias`` included (``ref_bias`` replaces it);
+    with ``ref_weight`` its head is ``ref_weight`` and ``ref_bias`` only, so when the policy has a ``bias``,
+    ``ref_bias`` must be given too (a zero tensor for a reference head without one).
     Sequence lengths for the length-normalized losses are counted from ``labels``.
     Other keyword options (label_smoothing, loss_weights, f_divergence_type, gamma, ...) as in ``dpo_loss``.
     ``return_logps=True`` also returns the policy's per-sequence log-probs [2B] (detached): the same numbers the
@@ -309,6 +317,9 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if ref_hidden is not None:
         if ref_chosen_logps is not None or ref_rejected_logps is not None:
             raise ValueError("give the reference either as ref_hidden or as ref_*_logps, not both")
+        if ref_weight is not None and bias is not None and ref_bias is None:
+            raise ValueError("ref_weight is given and the policy head has a bias: give ref_bias too (the "
+                             "reference head's bias; a zero tensor if it has none), it is not taken from bias")
         with torch.no_grad():
             ref, _ = _weighted_logps(ref_hidden, weight if ref_weight is None else ref_weight, labels,
                                      params.ld_alpha, {**logp_kw, "bias": bias if ref_bias is None else ref_bias})
@@ -321,7 +332,8 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         lp = logps_params(ignore_index, logit_scale, softcap, temperature)
         loss, pc, pr = FusedLinearDPO.apply(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps,
                                             lp, params, fused, torch.is_grad_enabled())
-        out = loss, _metrics(pc, pr, ref_chosen_logps, ref_rejected_logps, params.beta)
+        lc, lr = (labels != ignore_index).sum(1).to(pc.dtype).chunk(2)
+        out = loss, _metrics(pc, pr, ref_chosen_logps, ref_rejected_logps, params, lc, lr)
         return (*out, torch.cat([pc, pr]).detach()) if return_logps else out
     logps, plain = _weighted_logps(hidden, weight, labels, params.ld_alpha, logp_kw)
     if use_weighting:

@@ -149,6 +149,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, 
         if pair_weights is not None:
             per = per * pair_weights.detach()        # constants, as TRL computes them under no_grad
         loss = loss + per.mean() * weight
+    if set(types) == {"simpo"}:      # TRL's CPOTrainer: rewards of the averaged log-probs, no reference
+        pc, pr = pc / chosen_lengths.clamp(min=1), pr / rejected_lengths.clamp(min=1)
+        chosen_logratios, rejected_logratios = pc, pr
     chosen_rewards, rejected_rewards = beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
     metrics = {
         "rewards/chosen": chosen_rewards.mean(),

@@ -225,3 +225,50 @@ def test_ld_alpha_and_weighting_bad_options(kw, match):
     hidden, weight, labels, ref = head_batch()
     with pytest.raises(ValueError, match=match):
         L.linear_dpo_loss(hidden.float(), weight.float(), labels, *ref.float().chunk(2), **kw)
+
+
+# ------------------------------------------------------------------------------------ what a caller cannot guess
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_simpo_metrics_are_trl_cpo_trainers(backend):
+    """SimPO as TRL's CPOTrainer (loss_type="simpo"): the loss and its reward metrics both come from the
+    length-averaged log-probs; TRL's own cpo_loss computes the expected values."""
+    import types
+    CPOTrainer = pytest.importorskip("trl.experimental.cpo").CPOTrainer
+    (pc, pr, _, _), (lc, lr) = make_pairs()
+    beta, gamma, ls = 0.1, 0.5, 0.05
+    trl_self = types.SimpleNamespace(alpha=0.0, beta=beta, simpo_gamma=gamma, label_smoothing=ls, loss_type="simpo",
+                                     accelerator=types.SimpleNamespace(device=pc.device))
+    losses, chosen, rejected = CPOTrainer.cpo_loss(trl_self, pc / lc, pr / lr)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    loss, m = L.dpo_loss(pc.to(dtype), pr.to(dtype), beta=beta, loss_type="simpo", gamma=gamma, label_smoothing=ls,
+                         chosen_lengths=lc.to(dtype), rejected_lengths=lr.to(dtype), backend=backend)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    want = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+            "rewards/accuracies": (chosen > rejected).double().mean(), "rewards/margins": (chosen - rejected).mean(),
+            "logps/chosen": (pc / lc).mean(), "logps/rejected": (pr / lr).mean()}
+    torch.testing.assert_close(loss.double(), losses.mean(), rtol=rtol, atol=0)
+    for k, v in want.items():
+        tol = 1e-7 if k == "rewards/accuracies" else rtol        # a float32 fraction, as the other losses log it
+        torch.testing.assert_close(m[k].double(), v, rtol=tol, atol=tol, msg=k)
+    _, want_m = R.dpo_loss(pc, pr, beta=beta, loss_type="simpo", gamma=gamma, label_smoothing=ls,
+                           chosen_lengths=lc, rejected_lengths=lr)
+    for k, v in want.items():
+        tol = 1e-7 if k == "rewards/accuracies" else 1e-12
+        torch.testing.assert_close(want_m[k].double(), v, rtol=tol, atol=tol, msg=f"reference {k}")
+
+
+def test_ref_weight_with_a_biased_policy_head_needs_ref_bias():
+    """The reference head is ref_weight with ref_bias: never the policy's bias by default."""
+    hidden, weight, labels, _ = head_batch()
+    bias = torch.randn(weight.shape[0], dtype=torch.float64)
+    ref_weight = weight * 0.9
+    with pytest.raises(ValueError, match="ref_weight is given and the policy head has a bias: give ref_bias too"):
+        L.linear_dpo_loss(hidden, weight, labels, bias=bias, ref_hidden=hidden.detach(), ref_weight=ref_weight)
+    zero = torch.zeros_like(bias)
+    got, _ = L.linear_dpo_loss(hidden, weight, labels, bias=bias, ref_hidden=hidden.detach(), ref_weight=ref_weight,
+                               ref_bias=zero)
+    ref = R.sequence_logps_from_logits(hidden.detach() @ ref_weight.T, labels)
+    want, _ = L.linear_dpo_loss(hidden, weight, labels, *ref.chunk(2), bias=bias)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
