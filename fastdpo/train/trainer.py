@@ -24,6 +24,7 @@ from ..heads import supports_layout
 from ..layout import pack_pairs, prefers_prompt_cache, prompt_cache_batch
 from ..models import model_dpo_loss, model_pair_dpo_loss, output_head, span_unavailable
 from . import prefs, ref_cache, runs
+from .cache_cmd import DEFAULT_DIR
 from .config import TrainConfig
 from .config import flag as flag_of
 from .dist import Dist
@@ -118,7 +119,7 @@ def with_lora(model, cfg: TrainConfig):
 
 
 def cache_dir(cfg: TrainConfig) -> str:
-    return cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "fastdpo")
+    return cfg.cache_dir or DEFAULT_DIR
 
 
 def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
