@@ -1,6 +1,8 @@
 """FastDPOTrainer against TRL's DPOTrainer, and both against float64, as the sequence length grows.
 
-    python bench/trl_agreement.py [--lengths 64,256,1024,2048] [--reference initial,perturbed] [--out FILE]
+    python bench/trl_agreement.py [--lengths 64,256,1024,2048] [--reference initial,perturbed] [--noise 0.05]
+                                  [--hidden 64] [--vocab 2048] [--head-std 0.5] [--attention sdpa|eager]
+                                  [--gradient-checkpointing] [--out FILE]
 
 For each total length T (tokens per sequence: a prompt of 3T/4 words, a chosen reply filling the rest with its EOS,
 a rejected reply T/16 shorter, so the batch has padding), one preference pair, one optimizer step, fp32 on this CPU:
@@ -14,20 +16,22 @@ collator, so ids and masks are the ones both trainers saw), the policy and refer
 ``fastdpo.reference`` (logits -> log_softmax -> gather -> masked sum, then TRL's sigmoid loss term by term), backward,
 and the norm of all parameter gradients.
 
-References (``--reference``): ``initial`` = a copy of the initial policy (loss ln 2 and margins 0 at step 1; the
-grad_norm is the informative figure), ``perturbed`` = the initial weights plus Gaussian noise (each tensor's noise
-``--noise`` x its own std, scaled by sqrt(64 / T) so that the margin stays O(1) at every T), so that loss and margins
-are not at their degenerate values.
+References (``--reference``), passed to both trainers as ``ref_model`` (TRL's ``ref_model=None`` reloads the
+policy from its hub name, which a model built from a config does not have): ``initial`` = a copy of the initial
+policy (loss ln 2 and margins 0 at step 1: the grad_norm is the informative figure), ``perturbed`` = the initial
+weights plus Gaussian noise (each tensor's noise ``--noise`` x its own std, scaled by sqrt(64 / T)), so that loss and
+margins are not at their degenerate values. A margin is a difference of log-prob sums of thousands of nats: its
+relative error is against its own small value, so it is large where fp32's resolution of those sums is.
 
-The model: a random Llama (hidden 64, 2 layers, FFN 128, 4 heads, vocabulary 2048, untied head drawn with std 0.5 as
-tests/test_trl_parity.py does so that the next-token distributions are peaked), sdpa attention, built from a config;
-the tokenizer: a whitespace WordLevel one built here (one word = one token). No downloads.
+The model (defaults): a random Llama (hidden 64, 2 layers, FFN 2 x hidden, 4 heads, vocabulary 2048, untied head
+drawn with std 0.5 as tests/test_trl_parity.py does, so that the next-token distributions are peaked), sdpa
+attention, built from a config; the tokenizer: a whitespace WordLevel one built here (one word = one token). No
+downloads. Each table row is tagged with machine, versions, commit and date.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
 import io
 import math
@@ -52,10 +56,10 @@ from compare import device_name, git_commit, version  # noqa: E402
 from fastdpo import reference as R  # noqa: E402
 from fastdpo.integrations.trl import FastDPOTrainer  # noqa: E402
 
-D, LAYERS, FFN, HEADS, V = 64, 2, 128, 4, 2048
+D, LAYERS, HEADS, V = 64, 2, 4, 2048     # --hidden, --vocab (the FFN is 2 x hidden)
 SPECIAL = ["<pad>", "</s>", "<unk>"]
-WORDS = V - len(SPECIAL)
-BETA, SEED, HEAD_STD = 0.1, 0, 0.5
+BETA, SEED = 0.1, 0
+HEAD_STD, ATTENTION, CHECKPOINTING = 0.5, "sdpa", False     # --head-std, --attention, --gradient-checkpointing
 QUANTITIES = ("grad_norm", "loss", "rewards/margins", "logps/chosen")
 
 
@@ -63,7 +67,7 @@ QUANTITIES = ("grad_norm", "loss", "rewards/margins", "logps/chosen")
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """One whitespace word = one token: <pad> 0, </s> 1 (EOS), <unk> 2, w0.. from 3."""
-    vocab = {s: i for i, s in enumerate(SPECIAL)} | {f"w{i}": i + len(SPECIAL) for i in range(WORDS)}
+    vocab = {s: i for i, s in enumerate(SPECIAL)} | {f"w{i}": i + len(SPECIAL) for i in range(V - len(SPECIAL))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(SPECIAL)
@@ -73,7 +77,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 def make_pair(T: int) -> Dataset:
     """One pair: prompt 3T/4 words, chosen T - 3T/4 - 1 words (+ EOS = T tokens), rejected T/16 words shorter."""
     rng = random.Random(T)
-    words = lambda n: " ".join(f"w{rng.randrange(WORDS)}" for _ in range(n))  # noqa: E731
+    words = lambda n: " ".join(f"w{rng.randrange(V - len(SPECIAL))}" for _ in range(n))  # noqa: E731
     prompt = 3 * T // 4
     chosen = T - prompt - 1
     return Dataset.from_dict({"prompt": [words(prompt)], "chosen": [" " + words(chosen)],
@@ -89,10 +93,10 @@ def initial_state(T: int) -> dict:
 
 
 def llama_config(T: int) -> LlamaConfig:
-    config = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=FFN, num_hidden_layers=LAYERS,
+    config = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=2 * D, num_hidden_layers=LAYERS,
                          num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=max(T, 64),
                          tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = ATTENTION
     return config
 
 
@@ -118,8 +122,8 @@ def build(T: int, state: dict, dtype=torch.float32) -> LlamaForCausalLM:
 
 def dpo_config(output_dir: str) -> DPOConfig:
     return DPOConfig(output_dir=output_dir, report_to=[], use_cpu=True, bf16=False, fp16=False,
-                     gradient_checkpointing=False, per_device_train_batch_size=1, max_steps=1, learning_rate=1e-3,
-                     logging_steps=1, save_strategy="no", beta=BETA, loss_type="sigmoid", seed=SEED,
+                     gradient_checkpointing=CHECKPOINTING, per_device_train_batch_size=1, max_steps=1,
+                     learning_rate=1e-3, logging_steps=1, save_strategy="no", beta=BETA, loss_type="sigmoid", seed=SEED,
                      max_length=None, disable_tqdm=True)
 
 
@@ -195,6 +199,13 @@ def parse_args(argv=None):
     p.add_argument("--lengths", default="64,256,1024,2048", help="total tokens per sequence, comma-separated")
     p.add_argument("--reference", default="initial,perturbed", help="initial, perturbed or both (comma-separated)")
     p.add_argument("--noise", type=float, default=0.05, help="perturbed reference: relative noise at T = 64")
+    p.add_argument("--head-std", type=float, default=HEAD_STD, help="std of the LM head's initial weights "
+                   "(Hugging Face's own init: 0.02, near-uniform next-token distributions)")
+    p.add_argument("--hidden", type=int, default=D, help="hidden size")
+    p.add_argument("--vocab", type=int, default=V, help="vocabulary size")
+    p.add_argument("--attention", default=ATTENTION, choices=("sdpa", "eager"), help="attention implementation")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="both trainers with gradient "
+                   "checkpointing (TRL's default; off by default here, as in tests/test_integration_trl.py)")
     p.add_argument("--out", default=None, help="also append the table to this file")
     args = p.parse_args(argv)
     args.lengths = [int(t) for t in args.lengths.split(",")]
@@ -206,10 +217,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
+    global HEAD_STD, ATTENTION, CHECKPOINTING, D, V
     args = parse_args(argv)
+    HEAD_STD, ATTENTION, CHECKPOINTING = args.head_std, args.attention, args.gradient_checkpointing
+    D, V = args.hidden, args.vocab
     hf_logging.set_verbosity_error()
     row_tag = tag()
-    lines = table_head()
+    lines = [f"Model: random Llama, hidden {D}, {LAYERS} layers, FFN {2 * D}, {HEADS} heads, vocabulary {V}, LM head "
+             f"std {HEAD_STD}, {ATTENTION} attention, gradient checkpointing {'on' if CHECKPOINTING else 'off'}, "
+             f"fp32; sigmoid loss, beta {BETA}, one pair per step; perturbed reference: noise {args.noise} "
+             "x sqrt(64 / T).", ""] + table_head()
     print("\n".join(lines), flush=True)
     for reference in args.reference:
         for T in args.lengths:
