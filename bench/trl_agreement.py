@@ -168,6 +168,7 @@ def float64_step(T: int, policy: dict, ref: dict) -> tuple:
 # ------------------------------------------------------------------------------------------------ the table
 
 def rel(a: float, b: float) -> str:
+    """|a - b| / |b| (the absolute difference where b is 0)."""
     if b == 0.0:
         return "0" if a == 0.0 else f"abs {abs(a):.1e}"
     return f"{abs(a - b) / abs(b):.1e}"
@@ -180,7 +181,7 @@ def tag() -> str:
 
 
 def table_head() -> list:
-    cols = ["reference", "T", "quantity", "FastDPOTrainer", "DPOTrainer", "float64", "|fast − TRL| / |TRL|",
+    cols = ["reference", "T", "quantity", "FastDPOTrainer", "DPOTrainer", "float64", "fast vs TRL",
             "fast vs f64", "TRL vs f64", "tag"]
     return ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 6 + ["---"]) + "|"]
 
@@ -226,7 +227,7 @@ def main(argv=None) -> None:
     lines = [f"Model: random Llama, hidden {D}, {LAYERS} layers, FFN {2 * D}, {HEADS} heads, vocabulary {V}, LM head "
              f"std {HEAD_STD}, {ATTENTION} attention, gradient checkpointing {'on' if CHECKPOINTING else 'off'}, "
              f"fp32; sigmoid loss, beta {BETA}, one pair per step; perturbed reference: noise {args.noise} "
-             "x sqrt(64 / T).", ""] + table_head()
+             "x sqrt(64 / T). Columns \"a vs b\": |a − b| / |b|.", ""] + table_head()
     print("\n".join(lines), flush=True)
     for reference in args.reference:
         for T in args.lengths:
