@@ -212,8 +212,10 @@ def parse_args(argv=None):
     args.lengths = [int(t) for t in args.lengths.split(",")]
     args.reference = args.reference.split(",")
     bad = [r for r in args.reference if r not in ("initial", "perturbed")]
-    if bad or any(t < 32 for t in args.lengths):
-        p.error(f"--reference takes initial/perturbed (got {bad}); --lengths each >= 32 (got {args.lengths})")
+    if bad:
+        p.error(f"--reference takes initial and/or perturbed, got {','.join(bad)}")
+    if any(t < 32 for t in args.lengths):
+        p.error(f"--lengths: each length must be >= 32 tokens, got {args.lengths}")
     return args
 
 
