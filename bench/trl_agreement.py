@@ -209,7 +209,10 @@ def parse_args(argv=None):
                    "checkpointing (TRL's default; off by default here, as in tests/test_integration_trl.py)")
     p.add_argument("--out", default=None, help="also append the table to this file")
     args = p.parse_args(argv)
-    args.lengths = [int(t) for t in args.lengths.split(",")]
+    try:
+        args.lengths = [int(t) for t in args.lengths.split(",")]
+    except ValueError:
+        p.error(f"--lengths takes comma-separated integers, got {args.lengths!r}")
     args.reference = args.reference.split(",")
     bad = [r for r in args.reference if r not in ("initial", "perturbed")]
     if bad:
