@@ -270,8 +270,8 @@ def check_output_head(model) -> Optional[str]:
     err = (got.double() - want).abs().max().item()
     tol = 1e-5 * max(1.0, want.abs().max().item()) + 2 * torch.finfo(logits.dtype).eps * logits.abs().max().item()
     if not err <= tol:
-        raise ValueError(unknown_head(base, f"its forward's log-probs differ from lm_head(backbone(...))'s by {err:.3g} "
-                                            f"(> {tol:.3g}) on the probe"))
+        raise ValueError(unknown_head(base, f"its forward's log-probs differ from lm_head(backbone(...))'s by "
+                                            f"{err:.3g} (> {tol:.3g}) on the probe"))
     accept_probed(base, rule)
     return (f"fastdpo: {type(base).__name__} ({type(base).__module__}) is not in fastdpo.heads.HEADS; accepted: its "
             f"own log-probs equal lm_head({rule.backbone}(...))'s on a {PROBE_POSITIONS}-token probe")

@@ -210,6 +210,23 @@ def test_model_by_name_trains_evaluates_and_precomputes_as_dpo_trainer(hub_name,
                       STEPS * (2 if evaluation else 1))
 
 
+def test_given_optimizer_and_scheduler_step_as_in_dpo_trainer(tmp_path):
+    """optimizers=(optimizer, scheduler): FastDPOTrainer steps with them, step for step as DPOTrainer."""
+    histories = {}
+    for cls in (DPOTrainer, FastDPOTrainer):
+        model = make_model(seed=0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+        trainer = cls(model=model, ref_model=make_model(seed=1), args=config(tmp_path / cls.__name__),
+                      train_dataset=make_dataset(), processing_class=make_tokenizer(),
+                      optimizers=(optimizer, scheduler))
+        trainer.train()
+        assert trainer.lr_scheduler is scheduler
+        histories[cls] = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["learning_rate"] for h in histories[FastDPOTrainer]] == [0.5, 0.25]
+    assert_same_steps(histories[FastDPOTrainer], histories[DPOTrainer], "optimizers", STEPS)
+
+
 # ------------------------------------------------------------------------------- remote code: a class the table lacks
 
 REMOTE_CONFIG = """from transformers import LlamaConfig

@@ -92,13 +92,15 @@ def _loss_options(args) -> dict:
     return options
 
 
-def _checked_model(lm, args) -> float:
-    """Check one loaded model (policy or reference) for fastdpo: its head (a class the head table does not know is
-    probed, with a notice), the MoE coefficient TRL would use (returned)."""
+def _checked_model(lm, args=None) -> float:
+    """Check one loaded model for fastdpo: its head (a class the head table does not know is probed, with a
+    notice); for the policy (``args`` given), the MoE load-balancing coefficient TRL would use (returned)."""
     notice = check_output_head(lm)
     if notice:
         warnings.warn(notice, stacklevel=4)
     output_head(lm)                             # a head fastdpo cannot fuse raises, naming the model's class
+    if args is None:
+        return 0.0
     try:
         return router_aux_loss_coef(_base(lm), args.router_aux_loss_coef)
     except ValueError as e:
@@ -116,24 +118,23 @@ def _refuse_prompt_learning(peft) -> None:
                          "take. Use an adapter such as LoRA")
 
 
-def _refuse_processor(processing_class) -> None:
-    if processing_class is ProcessorMixin or isinstance(processing_class, ProcessorMixin):
+def _refuse_vision(processing_class, sample) -> None:
+    if isinstance(processing_class, ProcessorMixin) or "image" in sample or "images" in sample:
         raise ValueError("FastDPOTrainer: vision-language models and image datasets are not supported: fastdpo's "
                          "forward takes input_ids and attention_mask only")
 
 
 def _check_inputs(model, ref_model, args, train_dataset, processing_class, peft_config) -> None:
     """What can be refused before TRL's constructor runs (and loads models or precomputes the reference)."""
-    for lm in (model, ref_model):
-        if lm is not None and not isinstance(lm, str):
-            _checked_model(lm, args)
+    if not isinstance(model, str):
+        _checked_model(model, args)
+    if ref_model is not None and not isinstance(ref_model, str):
+        _checked_model(ref_model)
     if peft_config is not None:
         _refuse_prompt_learning(peft_config)
     elif not isinstance(model, str) and is_peft_model(model):
         _refuse_prompt_learning(model.active_peft_config)
-    sample = next(iter(train_dataset)) if train_dataset is not None else {}
-    if isinstance(processing_class, ProcessorMixin) or "image" in sample or "images" in sample:
-        _refuse_processor(ProcessorMixin)
+    _refuse_vision(processing_class, next(iter(train_dataset)) if train_dataset is not None else {})
 
 
 def _load_reference(name: str, args, quantization_config):
@@ -204,10 +205,10 @@ class FastDPOTrainer(DPOTrainer):
         self._fastdpo_options = _loss_options(self.args)
         coef = _checked_model(self.model, self.args)
         if self.ref_model is not None:
-            _checked_model(self.accelerator.unwrap_model(self.ref_model), self.args)
+            _checked_model(self.accelerator.unwrap_model(self.ref_model))
         if is_peft_model(self.model):
             _refuse_prompt_learning(self.model.active_peft_config)
-        _refuse_processor(self.processing_class)
+        _refuse_vision(self.processing_class, {})
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(f"FastDPOTrainer: {REFUSED['deepspeed' if self.is_deepspeed_enabled else 'fsdp']}")
         if coef:                                # the MoE load-balancing loss, with TRL's coefficient
