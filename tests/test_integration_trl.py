@@ -19,6 +19,7 @@ pytest.importorskip("trl")
 import torch  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
+from remote_code import remote_llama  # noqa: E402
 from test_trl_parity import (BETA, CASES, MOE_FAMILIES, make_dataset, make_model, make_moe,  # noqa: E402
                              make_tokenizer)
 
@@ -229,44 +230,6 @@ def test_given_optimizer_and_scheduler_step_as_in_dpo_trainer(tmp_path):
 
 # ------------------------------------------------------------------------------- remote code: a class the table lacks
 
-REMOTE_CONFIG = """from transformers import LlamaConfig
-
-
-class RemoteLlamaConfig(LlamaConfig):
-    model_type = "remote_llama"
-"""
-REMOTE_MODELING = """from transformers import LlamaForCausalLM
-
-from .configuration_remote_llama import RemoteLlamaConfig
-
-
-class RemoteLlamaForCausalLM(LlamaForCausalLM):
-    config_class = RemoteLlamaConfig
-
-    def forward(self, *args, **kwargs):
-        out = super().forward(*args, **kwargs)
-        if getattr(self.config, "logit_factor", 1.0) != 1.0:     # what a fused head would miss
-            out.logits = out.logits * self.config.logit_factor
-        return out
-"""
-
-
-def remote_llama(directory, logit_factor=1.0):
-    """make_model(seed=0) saved as a remote-code model (auto_map to a Llama subclass written beside it) with its
-    tokenizer; its path."""
-    import json
-    make_model(seed=0).save_pretrained(directory)
-    make_tokenizer().save_pretrained(directory)
-    (directory / "configuration_remote_llama.py").write_text(REMOTE_CONFIG)
-    (directory / "modeling_remote_llama.py").write_text(REMOTE_MODELING)
-    config = json.loads((directory / "config.json").read_text())
-    config.update(model_type="remote_llama", architectures=["RemoteLlamaForCausalLM"], logit_factor=logit_factor,
-                  auto_map={"AutoConfig": "configuration_remote_llama.RemoteLlamaConfig",
-                            "AutoModelForCausalLM": "modeling_remote_llama.RemoteLlamaForCausalLM"})
-    (directory / "config.json").write_text(json.dumps(config))
-    return str(directory)
-
-
 REMOTE_INIT = {"dtype": "float32", "trust_remote_code": True}
 
 
@@ -274,7 +237,7 @@ def test_remote_code_llama_subclass_is_probed_and_trains_as_dpo_trainer(tmp_path
     """trust_remote_code, a class the head table does not know whose head is lm_head(backbone): accepted by the
     probe with a one-line notice (policy and TRL's default reference, both loaded by name), then step for step
     as DPOTrainer."""
-    path = remote_llama(tmp_path / "remote")
+    path = remote_llama(tmp_path / "remote", make_model(seed=0), make_tokenizer())
     histories = {}
     for cls in (DPOTrainer, FastDPOTrainer):
         with warnings.catch_warnings(record=True) as caught:
@@ -294,7 +257,7 @@ def test_remote_code_llama_subclass_is_probed_and_trains_as_dpo_trainer(tmp_path
 def test_remote_code_that_scales_the_logits_is_refused(by_name, tmp_path, monkeypatch):
     """A remote-code forward that changes the logits (x1.5 here): the probe refuses it, before TRL precomputes the
     reference (a model by name) or before TRL's constructor runs (an instance)."""
-    path = remote_llama(tmp_path / "scaled", logit_factor=1.5)
+    path = remote_llama(tmp_path / "scaled", make_model(seed=0), make_tokenizer(), logit_factor=1.5)
     monkeypatch.setattr(DPOTrainer, "_precompute_ref_logps", lambda *a, **k: pytest.fail("precomputed first"))
     if not by_name:
         from transformers import AutoModelForCausalLM
