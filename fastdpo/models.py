@@ -248,25 +248,25 @@ def check_output_head(model) -> Optional[str]:
     weight, bias, lora = _linear_parts(module, type(base).__name__)
     head = Head(weight, bias, 1.0, None, lora)
     V = weight.shape[0]
-    vocab = base.get_input_embeddings().weight.shape[0]
-    ids = (torch.arange(PROBE_POSITIONS, device=weight.device) * 7919 + 1) % min(V, vocab)
+    embeddings = base.get_input_embeddings()
+    ids = (torch.arange(PROBE_POSITIONS, device=weight.device) * 7919 + 1) % min(V, embeddings.weight.shape[0])
     targets = torch.linspace(0, V - 1, PROBE_TARGETS, device=weight.device).round().long()      # [K]
+    labels = targets[:, None].expand(-1, PROBE_POSITIONS)                                       # [K, P]
     training = base.training
-    base.eval()
+    base.eval()                                     # no dropout, in the model or in a LoRA head's term
     try:
         with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-            logits = base(input_ids=ids[None]).logits                                             # [1, P, V]
+            out = base(input_ids=ids[None])
+            logits = out.logits if hasattr(out, "logits") else out[0]                              # [1, P, V]
             hidden = _last_hidden(_backbone_outputs(model, ids[None], rule=rule))                 # [1, P, D]
+            hidden = head.extend(hidden).expand(PROBE_TARGETS, -1, -1)                             # [K, P, D']
+            got = sequence_logps(hidden, weight, labels, return_token_logps=True, **head.options())[1]
     finally:
         base.train(training)
     if tuple(logits.shape) != (1, PROBE_POSITIONS, V):
         raise ValueError(unknown_head(base, f"its forward's logits are shaped {tuple(logits.shape)}, not "
                                             f"[1, {PROBE_POSITIONS}, {V}] (tokens x its output layer's rows)"))
     want = torch.log_softmax(logits[0].double(), -1)[:, targets].T                                 # [K, P]
-    hidden = head.extend(hidden).expand(PROBE_TARGETS, -1, -1)                                     # [K, P, D']
-    labels = targets[:, None].expand(-1, PROBE_POSITIONS)
-    with torch.no_grad():
-        got = sequence_logps(hidden, weight, labels, return_token_logps=True, **head.options())[1]  # [K, P]
     err = (got.double() - want).abs().max().item()
     tol = 1e-5 * max(1.0, want.abs().max().item()) + 2 * torch.finfo(logits.dtype).eps * logits.abs().max().item()
     if not err <= tol:

@@ -260,3 +260,13 @@ def test_probe_refuses_an_unknown_class_whose_head_is_not_linear():
     model.lm_head = torch.nn.Sequential(model.lm_head)
     with pytest.raises(ValueError, match="PlainSubclass: the output layer is a Sequential"):
         fastdpo.models.check_output_head(model)
+
+
+def test_probe_of_an_unknown_class_with_lora_on_its_head():
+    """PEFT-wrapped: the probe runs the adapters (the head's LoRA term in the fused product), dropout off, and
+    leaves the training mode as it found it."""
+    model = lora(PlainSubclass(transformers.LlamaConfig(**COMMON)), ["q_proj", "lm_head"], lora_dropout=0.5)
+    model.train()
+    assert fastdpo.models.check_output_head(model)
+    assert model.training
+    compare_with_plain(model.eval(), *batch(), "probed PlainSubclass + LoRA on lm_head")
