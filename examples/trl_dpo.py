@@ -5,9 +5,10 @@
     - from trl import DPOTrainer
     + from fastdpo.integrations.trl import FastDPOTrainer      # and DPOTrainer(...) -> FastDPOTrainer(...)
 
-Everything else is TRL as usual (DPOConfig, a preference dataset, the tokenizer, PEFT, accelerate). Here a tiny
-randomly initialized Llama and a word-level tokenizer built in memory (no downloads) learn, on CPU in seconds,
-to prefer replies made of "good" words; the reference log-probs are precomputed from the initial policy.
+Everything else is TRL as usual (DPOConfig, a preference dataset, the model by name or path as TRL's docs give it,
+PEFT, accelerate). Here a tiny randomly initialized Llama and a word-level tokenizer, saved to a temporary directory
+(no downloads) and passed by path, learn on CPU in seconds to prefer replies made of "good" words; the reference
+log-probs are precomputed from the initial policy.
 """
 import random
 import tempfile
@@ -53,8 +54,9 @@ def main(steps=20):
         args = DPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=4, learning_rate=3e-2,
                          beta=0.1, precompute_ref_log_probs=True, logging_steps=1, save_strategy="no",
                          report_to=[], use_cpu=True, disable_tqdm=True)
-        trainer = FastDPOTrainer(model=tiny_model(), args=args, train_dataset=preference_data(),
-                                 processing_class=tiny_tokenizer())
+        tiny_model().save_pretrained(f"{out}/tiny-llama")            # stands in for a hub name such as
+        tiny_tokenizer().save_pretrained(f"{out}/tiny-llama")        # "Qwen/Qwen2-0.5B-Instruct"
+        trainer = FastDPOTrainer(model=f"{out}/tiny-llama", args=args, train_dataset=preference_data())
         trainer.train()
     final = [h for h in trainer.state.log_history if "loss" in h][-1]
     print(f"step {final['step']}: loss {final['loss']:.4f}, reward accuracy {final['rewards/accuracies']:.2f}, "

@@ -4,15 +4,19 @@ Each entry was read off the family's ``forward`` in transformers (``logits = sel
 lines around it) and checked once on a tiny random model of that class; ``tests/test_models.py`` keeps testing
 the families with a head of their own and a sample of the plain ones against the plain path. A family's forward
 may scale the logits, divide them, or softcap them; the values come from the attributes that forward reads, at
-call time. A class that is not in the table (another family, remote code) raises: its forward may do something
-else.
+call time. A class that is not in the table (another family, remote code) raises, unless a probe of that model
+(``fastdpo.models.check_output_head``) found its own logits equal to the fused path's. The MoE load-balancing
+loss, as TRL adds it, is here too.
 """
 from __future__ import annotations
 
 import operator
+import weakref
 from dataclasses import dataclass
 from functools import reduce
 from typing import Optional
+
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -141,18 +145,79 @@ HEADS = {
 }
 
 
-def head_rule(lm) -> HeadRule:
-    """The rule of ``lm``'s class, which must be transformers' own class of that name."""
+# Models of a class the table does not know, accepted one by one by fastdpo.models.check_output_head's probe
+# (their own logits against the fused path's, at load): model -> the rule the probe checked.
+_PROBED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def known_rule(lm) -> Optional[HeadRule]:
+    """The rule of ``lm``: its class's entry (transformers' own class of that name), or the one a probe accepted
+    for this model; None when neither."""
     cls = type(lm)
-    rule = HEADS.get(cls.__name__)
-    if rule is None or not cls.__module__.startswith("transformers.models."):
-        origin = "remote code" if not cls.__module__.startswith("transformers.") else "transformers"
-        raise ValueError(
-            f"fastdpo does not know the output head of {cls.__name__} ({origin}, module {cls.__module__}): its "
-            "forward may scale, cap or otherwise change the logits, and a fused head that missed it would give "
+    if cls.__module__.startswith("transformers.models.") and cls.__name__ in HEADS:
+        return HEADS[cls.__name__]
+    return _PROBED.get(lm)
+
+
+def probe_rule(lm) -> HeadRule:
+    """The rule a probe tries for a class the table does not know: ``logits = lm_head(<base_model_prefix>(...))``."""
+    prefix = getattr(lm, "base_model_prefix", "")
+    if not prefix or not isinstance(getattr(lm, prefix, None), nn.Module):
+        raise ValueError(unknown_head(lm, f"its backbone is not found at base_model_prefix {prefix!r}"))
+    return HeadRule(backbone=prefix)
+
+
+def accept_probed(lm, rule: HeadRule) -> None:
+    _PROBED[lm] = rule
+
+
+def unknown_head(lm, why: str) -> str:
+    cls = type(lm)
+    origin = "remote code" if not cls.__module__.startswith("transformers.") else "transformers"
+    return (f"fastdpo does not know the output head of {cls.__name__} ({origin}, module {cls.__module__}) and {why}: "
+            "its forward may scale, cap or otherwise change the logits, and a fused head that missed it would give "
             "wrong log-probs. Known classes are listed in fastdpo.heads.HEADS; a family whose forward is "
             "`logits = lm_head(backbone(...))` (or scales/caps it) can be added there with a test.")
+
+
+def head_rule(lm) -> HeadRule:
+    """The rule of ``lm``: its class's entry (transformers' own class of that name), or the rule a probe accepted."""
+    rule = known_rule(lm)
+    if rule is None:
+        raise ValueError(unknown_head(lm, "no probe accepted it (fastdpo.models.check_output_head)"))
     return rule
+
+
+# ------------------------------------------------------------------------------ MoE: the router's load-balancing loss
+# As TRL 1.16's DPOTrainer adds it (its __init__ and trl.trainer.utils.add_fused_lm_head, transformers >= 5.6):
+# enabled where the text config has `output_router_logits` and the coefficient (DPOConfig's router_aux_loss_coef,
+# else the config's own, else 0.0) is non-zero; the backbone runs with output_router_logits=True and the loss is
+# Mixtral's load_balancing_loss_func(router_logits, text_config.num_experts, text_config.num_experts_per_tok,
+# attention_mask), for every MoE family alike.
+
+def router_aux_loss_coef(lm, coef: Optional[float] = None) -> float:
+    """The coefficient of ``lm``'s load-balancing loss (0.0: off) for a requested ``coef`` (None: the config's own).
+    A non-zero ``coef`` for a model that returns no router logits raises, as TRL does."""
+    text_config = lm.config.get_text_config()
+    moe = hasattr(text_config, "output_router_logits")
+    if coef is None:
+        coef = getattr(text_config, "router_aux_loss_coef", 0.0) or 0.0
+    elif coef and not moe:
+        raise ValueError(f"router_aux_loss_coef is set to {coef} but {type(lm).__name__} is not a Mixture-of-Experts "
+                         "model that returns its router logits, so there is no auxiliary loss to weight")
+    if not moe or not coef:
+        return 0.0
+    missing = [a for a in ("num_experts", "num_experts_per_tok") if getattr(text_config, a, None) is None]
+    if missing:
+        raise ValueError(f"router_aux_loss_coef={coef}: {type(lm).__name__}'s config has no {' or '.join(missing)}, "
+                         "which TRL's load-balancing loss reads (TRL fails there too). Set router_aux_loss_coef=0.0")
+    return float(coef)
+
+
+def router_experts(lm) -> tuple:
+    """(num_experts, num_experts_per_tok) of the load-balancing loss (see router_aux_loss_coef)."""
+    text_config = lm.config.get_text_config()
+    return text_config.num_experts, text_config.num_experts_per_tok
 
 
 # Classes whose backbone the long-context layouts (fastdpo.layout) are tested with: attention layers only, rotary

@@ -17,7 +17,8 @@ import torch
 
 from . import _attention
 from ._attention import spans_attention
-from .heads import check_layout_support, head_rule
+from .heads import (accept_probed, check_layout_support, head_rule, known_rule, probe_rule, router_experts,
+                    unknown_head)
 from .layout import CacheBatch, PackedBatch, attention_masks
 from .logps import sequence_logps
 from .loss import linear_dpo_loss
@@ -95,22 +96,43 @@ def output_head(model) -> Head:
     return Head(weight, bias, scale, softcap, lora)
 
 
-def backbone_hidden(model, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
-    """[B, L, D] last hidden states of the backbone the family's forward runs before its lm_head."""
+def _backbone_outputs(model, input_ids, attention_mask=None, position_ids=None, rule=None, **extra):
+    """The backbone's outputs for the family's forward (``rule``: the head rule, default the model's)."""
     base = _base(model)
-    backbone = head_rule(base).backbone_of(base)
+    backbone = (rule or head_rule(base)).backbone_of(base)
     accepts = inspect.signature(backbone.forward).parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in accepts.values())
     kwargs = dict(input_ids=input_ids)
-    for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+    for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids), *extra.items()):
         if value is None:
             continue
-        if name not in accepts and not any(p.kind == p.VAR_KEYWORD for p in accepts.values()):
+        if name not in accepts and not takes_any:
             raise ValueError(f"{type(base).__name__}'s backbone takes no {name}")
         kwargs[name] = value
     if "use_cache" in accepts:
         kwargs["use_cache"] = False                 # no key/value cache: scoring, not generating
-    out = backbone(**kwargs)
+    return backbone(**kwargs)
+
+
+def _last_hidden(out) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def backbone_hidden(model, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+    """[B, L, D] last hidden states of the backbone the family's forward runs before its lm_head."""
+    return _last_hidden(_backbone_outputs(model, input_ids, attention_mask, position_ids))
+
+
+def router_aux_loss(model, router_logits, attention_mask=None) -> torch.Tensor:
+    """The MoE load-balancing loss of one forward's router logits, as TRL's DPOTrainer computes it (see
+    ``fastdpo.heads.router_aux_loss_coef``): Mixtral's load_balancing_loss_func over the tokens attention_mask
+    keeps (all without one)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    num_experts, top_k = router_experts(_base(model))
+    if not isinstance(router_logits, tuple) or not router_logits:
+        raise ValueError(f"{type(_base(model)).__name__}'s backbone returned no router logits with "
+                         "output_router_logits=True")
+    return load_balancing_loss_func(router_logits, num_experts, top_k, attention_mask)
 
 
 def _check_ids(input_ids, labels, attention_mask, position_ids):
@@ -150,11 +172,14 @@ def _fused_inputs(model, hidden, labels):
     return hidden, weight, options, labels
 
 
-def _head_inputs(model, input_ids, labels, attention_mask, position_ids):
-    """The fused op's inputs for a plain batch: labels shifted (hidden[:, t] predicts labels[:, t + 1])."""
+def _head_inputs(model, input_ids, labels, attention_mask, position_ids, router_logits=False):
+    """The fused op's inputs for a plain batch: labels shifted (hidden[:, t] predicts labels[:, t + 1]); with
+    ``router_logits``, the backbone's router logits too (a sixth item)."""
     _check_ids(input_ids, labels, attention_mask, position_ids)
-    hidden = backbone_hidden(model, input_ids, attention_mask, position_ids)[:, :-1]
-    return _fused_inputs(model, hidden, labels[:, 1:])
+    extra = dict(output_router_logits=True) if router_logits else {}
+    out = _backbone_outputs(model, input_ids, attention_mask, position_ids, **extra)
+    inputs = _fused_inputs(model, _last_hidden(out)[:, :-1], labels[:, 1:])
+    return (*inputs, out.router_logits) if router_logits else inputs
 
 
 def model_sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, *,
@@ -175,14 +200,81 @@ def model_sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, *
 def model_dpo_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
                    ref_chosen_logps: Optional[torch.Tensor] = None, ref_rejected_logps: Optional[torch.Tensor] = None,
                    *, attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                   **loss_options):
+                   router_aux_loss_coef: float = 0.0, **loss_options):
     """``linear_dpo_loss`` of a Hugging Face causal LM: input_ids/labels [2B, L] (the B chosen rows, then the B
     rejected rows; labels as in ``model_sequence_logps``) -> (loss, metrics) (and the policy's log-probs [2B]
-    with ``return_logps=True``). Loss options as in ``fastdpo.loss.linear_dpo_loss``."""
-    hidden, weight, options, shifted = _head_inputs(model, input_ids, labels, attention_mask, position_ids)
+    with ``return_logps=True``). Loss options as in ``fastdpo.loss.linear_dpo_loss``.
+
+    ``router_aux_loss_coef`` (an MoE model; resolve it with ``fastdpo.heads.router_aux_loss_coef`` as TRL does):
+    non-zero adds that times the router's load-balancing loss (``router_aux_loss``, over the tokens
+    ``attention_mask`` keeps) to the loss, as TRL's DPOTrainer does, and reports it as ``metrics["aux_loss"]``."""
+    if not router_aux_loss_coef:
+        hidden, weight, options, shifted = _head_inputs(model, input_ids, labels, attention_mask, position_ids)
+        with _fused_precision(hidden.device.type):
+            return linear_dpo_loss(hidden, weight, shifted, ref_chosen_logps, ref_rejected_logps, **options,
+                                   **loss_options)
+    hidden, weight, options, shifted, router_logits = _head_inputs(model, input_ids, labels, attention_mask,
+                                                                   position_ids, router_logits=True)
+    aux = router_aux_loss(model, router_logits, attention_mask)
     with _fused_precision(hidden.device.type):
-        return linear_dpo_loss(hidden, weight, shifted, ref_chosen_logps, ref_rejected_logps, **options,
-                               **loss_options)
+        loss, metrics, *logps = linear_dpo_loss(hidden, weight, shifted, ref_chosen_logps, ref_rejected_logps,
+                                                **options, **loss_options)
+    return (loss + router_aux_loss_coef * aux, {**metrics, "aux_loss": aux.detach()}, *logps)
+
+
+# ------------------------------------------------------------------------------------ unknown classes: the probe
+
+PROBE_POSITIONS, PROBE_TARGETS = 8, 16
+
+
+def check_output_head(model) -> Optional[str]:
+    """Make sure the fused head reproduces ``model``'s own forward; call once after loading (it is cheap for a
+    known class).
+
+    A class in ``fastdpo.heads.HEADS``: the table's rule (None). Another class (remote code, a family the table
+    does not list) whose output layer is a plain linear map: one small forward of the model itself, in its own
+    dtype (eval mode, no autocast), on ``PROBE_POSITIONS`` tokens; its log_softmax at ``PROBE_TARGETS`` vocabulary
+    ids spread over the vocabulary, at every position, must equal the fused path's (backbone at
+    ``base_model_prefix``, then lm_head) within 1e-5 of the largest log-prob plus two units of the logits' dtype
+    (rounding of the model's own logits). Equal: this model is accepted (``head_rule`` then knows it) and the
+    one-line notice is returned; different: ValueError."""
+    base = _base(model)
+    if known_rule(base) is not None:
+        return None
+    rule = probe_rule(base)
+    module = base.get_output_embeddings()
+    if module is None:
+        raise ValueError(unknown_head(base, "it has no output embeddings to probe"))
+    weight, bias, lora = _linear_parts(module, type(base).__name__)
+    head = Head(weight, bias, 1.0, None, lora)
+    V = weight.shape[0]
+    embeddings = base.get_input_embeddings()
+    ids = (torch.arange(PROBE_POSITIONS, device=weight.device) * 7919 + 1) % min(V, embeddings.weight.shape[0])
+    targets = torch.linspace(0, V - 1, PROBE_TARGETS, device=weight.device).round().long()      # [K]
+    labels = targets[:, None].expand(-1, PROBE_POSITIONS)                                       # [K, P]
+    training = base.training
+    base.eval()                                     # no dropout, in the model or in a LoRA head's term
+    try:
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            out = base(input_ids=ids[None])
+            logits = out.logits if hasattr(out, "logits") else out[0]                              # [1, P, V]
+            hidden = _last_hidden(_backbone_outputs(model, ids[None], rule=rule))                 # [1, P, D]
+            hidden = head.extend(hidden).expand(PROBE_TARGETS, -1, -1)                             # [K, P, D']
+            got = sequence_logps(hidden, weight, labels, return_token_logps=True, **head.options())[1]
+    finally:
+        base.train(training)
+    if tuple(logits.shape) != (1, PROBE_POSITIONS, V):
+        raise ValueError(unknown_head(base, f"its forward's logits are shaped {tuple(logits.shape)}, not "
+                                            f"[1, {PROBE_POSITIONS}, {V}] (tokens x its output layer's rows)"))
+    want = torch.log_softmax(logits[0].double(), -1)[:, targets].T                                 # [K, P]
+    err = (got.double() - want).abs().max().item()
+    tol = 1e-5 * max(1.0, want.abs().max().item()) + 2 * torch.finfo(logits.dtype).eps * logits.abs().max().item()
+    if not err <= tol:
+        raise ValueError(unknown_head(base, f"its forward's log-probs differ from lm_head(backbone(...))'s by "
+                                            f"{err:.3g} (> {tol:.3g}) on the probe"))
+    accept_probed(base, rule)
+    return (f"fastdpo: {type(base).__name__} ({type(base).__module__}) is not in fastdpo.heads.HEADS; accepted: its "
+            f"own log-probs equal lm_head({rule.backbone}(...))'s on a {PROBE_POSITIONS}-token probe")
 
 
 # ------------------------------------------------------------------------------------------------ long-context layouts

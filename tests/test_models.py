@@ -171,3 +171,102 @@ def test_bad_arguments_name_themselves():
 def test_every_table_entry_is_a_transformers_class():
     for name in heads.HEADS:
         assert hasattr(transformers, name), name
+
+
+# ------------------------------------------------------------------------------------------------ MoE router loss
+
+def test_router_aux_loss_is_the_models_own_load_balancing_loss():
+    """model_dpo_loss(router_aux_loss_coef=c) adds c times the load-balancing loss the model's own forward
+    returns (output_router_logits=True, the same attention mask) and reports it; c=0 adds nothing."""
+    model = tiny("mixtral-moe")
+    ids, labels, mask = batch(B=4)
+    ref = torch.zeros(2)
+    plain, _ = model_dpo_loss(model, ids, labels, ref, ref, attention_mask=mask)
+    loss, metrics = model_dpo_loss(model, ids, labels, ref, ref, attention_mask=mask, router_aux_loss_coef=0.5)
+    own = model(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
+    assert (mask == 0).any() and own.item() > 0.5
+    assert_close_rel(metrics["aux_loss"], own.detach(), "aux_loss")
+    assert_close_rel(loss.detach() - plain.detach(), 0.5 * own.detach(), "loss - DPO loss")
+    assert "aux_loss" not in model_dpo_loss(model, ids, labels, ref, ref, attention_mask=mask)[1]
+    loss.backward()
+    router = [p.grad for n, p in model.named_parameters() if "gate" in n and "experts" not in n]
+    assert router and all(g is not None and g.abs().max() > 0 for g in router), "the router gets a gradient"
+
+
+def test_router_aux_loss_coef_follows_trl():
+    moe, dense = tiny("mixtral-moe"), tiny("llama")
+    assert heads.router_aux_loss_coef(moe) == moe.config.router_aux_loss_coef == 0.001     # None: the config's
+    assert heads.router_aux_loss_coef(moe, 0.25) == 0.25
+    assert heads.router_aux_loss_coef(moe, 0.0) == 0.0
+    assert heads.router_aux_loss_coef(dense) == heads.router_aux_loss_coef(dense, 0.0) == 0.0
+    with pytest.raises(ValueError, match="router_aux_loss_coef is set to 0.1 but LlamaForCausalLM is not a "
+                                         "Mixture-of-Experts model"):
+        heads.router_aux_loss_coef(dense, 0.1)
+    with pytest.raises(ValueError, match="GraniteMoeForCausalLM's config has no num_experts"):
+        heads.router_aux_loss_coef(tiny("granitemoe-scaling"))
+
+
+# ------------------------------------------------------------------------------------------------ the probe
+
+class PlainSubclass(transformers.LlamaForCausalLM):
+    """A class the head table does not know whose forward is its parent's (e.g. remote code)."""
+
+
+class ScalingSubclass(transformers.LlamaForCausalLM):
+    """A class the head table does not know whose forward changes the logits."""
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * self.factor
+        return out
+
+
+def test_probe_accepts_an_unknown_class_whose_forward_is_lm_head_of_the_backbone():
+    model = PlainSubclass(transformers.LlamaConfig(**COMMON)).float()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    ids, labels, mask = batch()
+    with pytest.raises(ValueError, match="does not know the output head of PlainSubclass"):
+        fastdpo.model_sequence_logps(model, ids, labels)             # not before the probe
+    notice = fastdpo.models.check_output_head(model)
+    assert notice.startswith("fastdpo: PlainSubclass") and "\n" not in notice
+    assert fastdpo.models.check_output_head(model) is None         # accepted once, for this model
+    compare_with_plain(model, ids, labels, mask, "probed PlainSubclass")
+    other = PlainSubclass(transformers.LlamaConfig(**COMMON))
+    with pytest.raises(ValueError, match="no probe accepted it"):
+        fastdpo.model_sequence_logps(other, ids, labels)             # another model is probed on its own
+    assert fastdpo.models.check_output_head(tiny("llama")) is None  # a known class: the table, no probe
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("factor", [1.0, 1.05, 0.5])
+def test_probe_refuses_a_forward_that_scales_the_logits(dtype, factor):
+    """The probe runs in the model's dtype: a 5% logit scale is caught in fp32 and in bf16 (its logits'
+    rounding allowed); the plain forward (factor 1) passes in both."""
+    model = ScalingSubclass(transformers.LlamaConfig(**COMMON)).to(dtype)
+    model.factor = factor
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    if factor == 1.0:
+        assert fastdpo.models.check_output_head(model)
+        return
+    with pytest.raises(ValueError, match="ScalingSubclass .* log-probs differ from lm_head\\(backbone\\(...\\)\\)'s"):
+        fastdpo.models.check_output_head(model)
+    with pytest.raises(ValueError, match="no probe accepted it"):
+        fastdpo.model_sequence_logps(model, *batch()[:2])
+
+
+def test_probe_refuses_an_unknown_class_whose_head_is_not_linear():
+    model = PlainSubclass(transformers.LlamaConfig(**COMMON))
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    with pytest.raises(ValueError, match="PlainSubclass: the output layer is a Sequential"):
+        fastdpo.models.check_output_head(model)
+
+
+def test_probe_of_an_unknown_class_with_lora_on_its_head():
+    """PEFT-wrapped: the probe runs the adapters (the head's LoRA term in the fused product), dropout off, and
+    leaves the training mode as it found it."""
+    model = lora(PlainSubclass(transformers.LlamaConfig(**COMMON)), ["q_proj", "lm_head"], lora_dropout=0.5)
+    model.train()
+    assert fastdpo.models.check_output_head(model)
+    assert model.training
+    compare_with_plain(model.eval(), *batch(), "probed PlainSubclass + LoRA on lm_head")

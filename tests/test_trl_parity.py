@@ -98,6 +98,36 @@ def make_model(seed):
     return model.float()
 
 
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
+
+
+def make_moe(family: str, seed: int):
+    """Tiny random MoE causal LM of a TRL test family (2 layers, 4 experts, 2 per token), fp32, eager attention;
+    the lm_head widened as make_model's."""
+    from transformers import (GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
+    torch.manual_seed(seed)
+    common = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                  max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+                  bos_token_id=None, num_experts_per_tok=2)
+    if family == "qwen3_moe":
+        config = Qwen3MoeConfig(**common, head_dim=8, intermediate_size=32, moe_intermediate_size=16, num_experts=4)
+        cls = Qwen3MoeForCausalLM
+    elif family == "mixtral":
+        config, cls = MixtralConfig(**common, intermediate_size=32, num_local_experts=4), MixtralForCausalLM
+    elif family == "gpt_oss":
+        config = GptOssConfig(**common, head_dim=8, intermediate_size=16, num_local_experts=4,
+                              rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+        cls = GptOssForCausalLM
+    else:
+        raise ValueError(family)
+    config._attn_implementation = "eager"
+    model = cls(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.5)
+    return model.float()
+
+
 def run_trl(case: Case, output_dir):
     """One TRL DPOTrainer for this case: its collated batch, its loss and logged metrics, and what fastdpo needs."""
     args = DPOConfig(output_dir=str(output_dir), report_to=[], use_cpu=True, bf16=False, fp16=False,

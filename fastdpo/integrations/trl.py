@@ -1,20 +1,24 @@
 """TRL's DPOTrainer with fastdpo's log-probs and loss: change one import, keep the rest.
 
     from fastdpo.integrations.trl import FastDPOTrainer     # was: from trl import DPOTrainer
-    trainer = FastDPOTrainer(model=model, args=DPOConfig(...), train_dataset=data, processing_class=tokenizer)
+    trainer = FastDPOTrainer(model="Qwen/Qwen3-0.6B", args=DPOConfig(...), train_dataset=data)
 
 TRL 1.16's DPOTrainer computes log-probs in two methods; these are the two FastDPOTrainer overrides:
 - ``compute_ref_log_probs`` (the reference pass; what ``precompute_ref_log_probs`` caches):
   ``fastdpo.model_sequence_logps`` under no-grad, with TRL's adapter switch for PEFT and its autocast.
 - ``_compute_loss`` (each training and evaluation batch): ``fastdpo.model_dpo_loss`` (backbone, fused head
   and fused loss; the ``[tokens, vocab]`` logits never exist, prompt and padding positions are never scored),
-  then TRL's metrics from the same log-probs.
+  then TRL's metrics from the same log-probs; for an MoE model, the router's load-balancing loss (``aux_loss``)
+  as TRL adds it.
+The model (a name, loaded by TRL, or an instance) is checked once it exists: a class fastdpo's head table does
+not know is probed (``fastdpo.models.check_output_head``) and accepted with a notice or refused. A ``ref_model``
+name, which TRL 1.16 does not take, is loaded as TRL loads the policy.
 Datasets, tokenization, the collator, PEFT, the reference model and its precomputation, accelerate, optimizer,
 scheduler, logging and checkpoints stay TRL's own code. Not logged: ``entropy``, ``logits/chosen``,
 ``logits/rejected`` and ``mean_token_accuracy``, per-token statistics of the full-vocabulary distribution that
 the fused op does not form. Options FastDPOTrainer cannot honour raise a ValueError at construction (``REFUSED``,
-and the checks of ``_check_inputs``); fastdpo also refuses a few loss settings TRL only warns about (e.g.
-``label_smoothing`` where no chosen loss uses it).
+``use_liger_kernel`` in TRL's words, and the checks of ``_check_inputs`` and ``_check_loaded``); fastdpo also
+refuses a few loss settings TRL only warns about (e.g. ``label_smoothing`` where no chosen loss uses it).
 """
 from __future__ import annotations
 
@@ -25,9 +29,9 @@ import types
 import warnings
 
 try:
-    from trl import DPOTrainer
+    from trl import DPOConfig, DPOTrainer
     from trl.models.utils import disable_gradient_checkpointing
-    from trl.trainer.utils import use_adapter
+    from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 except ImportError as e:
     raise ImportError(f"fastdpo.integrations.trl needs TRL: pip install trl ({e})") from e
 if not all(hasattr(DPOTrainer, name) for name in ("_compute_loss", "compute_ref_log_probs")):
@@ -38,17 +42,19 @@ import torch  # noqa: E402
 from accelerate.utils import is_peft_model  # noqa: E402
 from transformers import ProcessorMixin  # noqa: E402
 
+from ..heads import router_aux_loss_coef  # noqa: E402
 from ..loss import LOSS_DEFAULTS, make_params  # noqa: E402
-from ..models import model_dpo_loss, model_sequence_logps, output_head  # noqa: E402
+from ..models import check_output_head, model_dpo_loss, model_sequence_logps, output_head  # noqa: E402
 
 _DPO_SIGNATURE = inspect.signature(DPOTrainer.__init__)
 # Keys of TRL's preference batches that are not model inputs; the model inputs fastdpo's forward takes.
 NOT_MODEL_INPUTS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# TRL 1.16's words for use_liger_kernel=True (a FutureWarning there; TRL then applies Liger's layer kernels)
+LIGER_DEPRECATED = ("`use_liger_kernel=True` is deprecated and will be removed in v2.0.0. Use the Hub kernels instead, "
+                    'with `model_init_kwargs={"use_kernels": True}`.')
 # DPOConfig (TrainingArguments) options refused when set, and why.
 REFUSED = {
-    "use_liger_kernel": "Liger's kernels patch the model's layers; fastdpo computes the head itself and is not "
-                        "verified with them",
     "padding_free": "TRL 1.16 itself falls back to padding for it, and fastdpo's packed layout (fastdpo.layout) "
                     "is not wired into FastDPOTrainer",
     "torch_compile": "fastdpo's ops read scored-token counts on the host and are not verified under torch.compile",
@@ -59,6 +65,11 @@ REFUSED = {
 
 
 def _refuse_options(args) -> None:
+    if args.use_liger_kernel:
+        # TRL's deprecation, word for word, then fastdpo's refusal (Liger patches the layers fastdpo runs)
+        warnings.warn(LIGER_DEPRECATED, FutureWarning, stacklevel=3)
+        raise ValueError(f"{LIGER_DEPRECATED} FastDPOTrainer does not run Liger's kernels (they patch the model's "
+                         "layers; not verified with fastdpo's head): unset use_liger_kernel, or use trl.DPOTrainer")
     for name, why in REFUSED.items():
         value = getattr(args, name, None)
         if value:
@@ -81,33 +92,61 @@ def _loss_options(args) -> dict:
     return options
 
 
-def _refuse_aux_loss(model, args) -> None:
-    """TRL adds an MoE model's load-balancing loss from the router logits, which fastdpo's forward does not return.
-    (The condition is TRL's ``aux_loss_enabled``.)"""
-    text_config = model.config.get_text_config()
-    coef = args.router_aux_loss_coef
-    coef = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
-    if hasattr(text_config, "output_router_logits") and coef != 0.0:
-        raise ValueError(f"FastDPOTrainer: router_aux_loss_coef={coef} ({type(model).__name__}'s MoE load-balancing "
-                         "loss) is not supported: it needs the router logits, which fastdpo's forward does not "
-                         "return. Set DPOConfig(router_aux_loss_coef=0.0)")
+def _checked_model(lm, args=None) -> float:
+    """Check one loaded model for fastdpo: its head (a class the head table does not know is probed, with a
+    notice); for the policy (``args`` given), the MoE load-balancing coefficient TRL would use (returned)."""
+    notice = check_output_head(lm)
+    if notice:
+        warnings.warn(notice, stacklevel=4)
+    output_head(lm)                             # a head fastdpo cannot fuse raises, naming the model's class
+    if args is None:
+        return 0.0
+    try:
+        return router_aux_loss_coef(_base(lm), args.router_aux_loss_coef)
+    except ValueError as e:
+        raise ValueError(f"FastDPOTrainer: {e}") from None
 
 
-def _check_inputs(model, ref_model, args, train_dataset, processing_class, peft_config) -> None:
-    """What can be refused before TRL's constructor runs (and precomputes the reference log-probs)."""
-    for lm in (model, ref_model):
-        if lm is not None and not isinstance(lm, str):
-            output_head(lm)                     # a head fastdpo cannot fuse raises, naming the model's class
-            _refuse_aux_loss(lm, args)
-    peft = peft_config if peft_config is not None else (model.active_peft_config if is_peft_model(model) else None)
+def _base(lm):
+    return lm.get_base_model() if is_peft_model(lm) else lm
+
+
+def _refuse_prompt_learning(peft) -> None:
     if peft is not None and peft.is_prompt_learning:
         raise ValueError(f"FastDPOTrainer: prompt-learning PEFT ({peft.peft_type}) is not supported: its virtual "
                          "tokens enter through inputs_embeds or the key/value cache, which fastdpo's forward does not "
                          "take. Use an adapter such as LoRA")
-    sample = next(iter(train_dataset)) if train_dataset is not None else {}
+
+
+def _refuse_vision(processing_class, sample) -> None:
     if isinstance(processing_class, ProcessorMixin) or "image" in sample or "images" in sample:
         raise ValueError("FastDPOTrainer: vision-language models and image datasets are not supported: fastdpo's "
                          "forward takes input_ids and attention_mask only")
+
+
+def _check_inputs(model, ref_model, args, train_dataset, processing_class, peft_config) -> None:
+    """What can be refused before TRL's constructor runs (and loads models or precomputes the reference)."""
+    if not isinstance(model, str):
+        _checked_model(model, args)
+    if ref_model is not None and not isinstance(ref_model, str):
+        _checked_model(ref_model)
+    if peft_config is not None:
+        _refuse_prompt_learning(peft_config)
+    elif not isinstance(model, str) and is_peft_model(model):
+        _refuse_prompt_learning(model.active_peft_config)
+    _refuse_vision(processing_class, next(iter(train_dataset)) if train_dataset is not None else {})
+
+
+def _load_reference(name: str, args, quantization_config):
+    """A reference model given by name: loaded as TRL 1.16's DPOTrainer loads the policy from a name
+    (``model_init_kwargs``, ``trust_remote_code``). TRL itself takes only a model instance (or None) there."""
+    kwargs = dict(args.model_init_kwargs or {})
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+        kwargs["device_map"] = None
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return create_model_from_path(name, **kwargs)
 
 
 def _route_forward(model) -> None:
@@ -139,22 +178,46 @@ class FastDPOTrainer(DPOTrainer):
 
     def __init__(self, *args, **kwargs):
         given = _DPO_SIGNATURE.bind(self, *args, **kwargs).arguments
-        config = given.get("args")
-        if config is not None:
-            _refuse_options(config)
-            _loss_options(config)
-            _check_inputs(given.get("model"), given.get("ref_model"), config, given.get("train_dataset"),
-                          given.get("processing_class"), given.get("peft_config"))
-        super().__init__(*args, **kwargs)
-        _refuse_options(self.args)              # args=None: TRL's default DPOConfig; a str model: now loaded
-        self._fastdpo_options = _loss_options(self.args)
-        output_head(self.model)
-        _refuse_aux_loss(self.model, self.args)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(f"FastDPOTrainer: {REFUSED['deepspeed' if self.is_deepspeed_enabled else 'fsdp']}")
+        del given["self"]
+        model = given.get("model")
+        if given.get("args") is None:             # TRL's default DPOConfig, made as TRL makes it
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            given["args"] = DPOConfig(f"{name.split('/')[-1]}-DPO")
+        config = given["args"]
+        _refuse_options(config)
+        _loss_options(config)
+        _check_inputs(model, given.get("ref_model"), config, given.get("train_dataset"),
+                      given.get("processing_class"), given.get("peft_config"))
+        if isinstance(given.get("ref_model"), str):
+            given["ref_model"] = _load_reference(given["ref_model"], config, given.get("quantization_config"))
+        self._fastdpo_checked = False
+        super().__init__(**given)
+        self._check_loaded()                    # a model given by name: checked here (or before the precompute)
         _route_forward(self.model)
 
     __init__.__signature__ = _DPO_SIGNATURE
+
+    def _check_loaded(self) -> None:
+        """The checks on what TRL's constructor loaded or made (a model by name, its processor, PEFT, the default
+        reference), once: before TRL precomputes reference log-probs, else at the end of the constructor."""
+        if self._fastdpo_checked:
+            return
+        self._fastdpo_options = _loss_options(self.args)
+        coef = _checked_model(self.model, self.args)
+        if self.ref_model is not None:
+            _checked_model(self.accelerator.unwrap_model(self.ref_model))
+        if is_peft_model(self.model):
+            _refuse_prompt_learning(self.model.active_peft_config)
+        _refuse_vision(self.processing_class, {})
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(f"FastDPOTrainer: {REFUSED['deepspeed' if self.is_deepspeed_enabled else 'fsdp']}")
+        if coef:                                # the MoE load-balancing loss, with TRL's coefficient
+            self._fastdpo_options = {**self._fastdpo_options, "router_aux_loss_coef": coef}
+        self._fastdpo_checked = True
+
+    def _precompute_ref_logps(self, *args, **kwargs):
+        self._check_loaded()
+        return super()._precompute_ref_logps(*args, **kwargs)
 
     def _sequence_logps(self, model, inputs) -> torch.Tensor:
         """[2B] log-probs of a TRL batch (LD-DPO-weighted under ld_alpha, as TRL's)."""
@@ -195,7 +258,10 @@ class FastDPOTrainer(DPOTrainer):
             return model_dpo_loss(unwrapped, inputs["input_ids"], _labels(inputs), ref_chosen, ref_rejected,
                                   return_logps=True, **options)
 
-        loss, _, logps = model(fastdpo=policy)
+        loss, metrics, logps = model(fastdpo=policy)
+        if "aux_loss" in metrics:               # logged as TRL logs it
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(metrics["aux_loss"]).mean()
+                                                   .item())
         self._log_batch_metrics(mode, inputs, logps, ref_chosen, ref_rejected)
         if not return_outputs:
             return loss

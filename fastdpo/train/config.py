@@ -83,6 +83,10 @@ class TrainConfig:
                                           "share count this much (0 to 1; TRL's ld_alpha)", at_least=0.0)
     use_weighting: bool = opt(False, "WPO: weight each pair's loss by the policy's length-normalized probability "
                                      "of its two replies (TRL's use_weighting)")
+    router_aux_loss_coef: Optional[float] = opt(None, "MoE models: weight of the router's load-balancing loss added "
+                                                      "to the DPO loss as TRL adds it, logged as aux_loss; it needs "
+                                                      "the plain layout (default: the model config's own, 0 for "
+                                                      "dense models; TRL's router_aux_loss_coef)", at_least=0.0)
     # optimization
     steps: int = opt(200, "optimizer steps", at_least=1)
     batch_size: int = opt(16, "preference pairs per micro-batch (all processes together)", at_least=1)
@@ -139,7 +143,7 @@ class TrainConfig:
     RESUME_KEYS = ("model", "ref_model", "reference_free", "tokenizer", "dataset", "dataset_config", "dataset_split",
                    "eval_dataset", "eval_fraction", "loss_weights", "label_smoothing", "f_divergence_type",
                    "f_alpha_divergence_coef", "ld_alpha", "use_weighting", "torch_dtype", "attn_implementation",
-                   "max_length", "beta",
+                   "max_length", "beta", "router_aux_loss_coef",
                    "loss_type", "batch_size", "max_tokens", "grad_accum", "lr", "weight_decay", "warmup_steps",
                    "schedule", "max_grad_norm", "disable_dropout", "share_prompt", "packing", "prompt_cache", "span_attention",
                    "seed", "lora_r",

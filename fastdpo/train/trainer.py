@@ -15,14 +15,15 @@ import random
 import signal
 import threading
 import time
+import warnings
 
 import numpy as np
 import torch
 
 from .. import __version__
-from ..heads import supports_layout
+from ..heads import router_aux_loss_coef, supports_layout
 from ..layout import pack_pairs, prefers_prompt_cache, prompt_cache_batch
-from ..models import model_dpo_loss, model_pair_dpo_loss, output_head, span_unavailable
+from ..models import check_output_head, model_dpo_loss, model_pair_dpo_loss, output_head, span_unavailable
 from . import prefs, ref_cache, runs
 from .cache_cmd import DEFAULT_DIR
 from .config import TrainConfig
@@ -160,6 +161,8 @@ def pair_loss(policy, examples, idx, ref, pad_id, cfg: TrainConfig, device, retu
         ref_pairs = ref[idx].to(device=device, dtype=torch.float32)
         ref_c, ref_r = ref_pairs[:, 0], ref_pairs[:, 1]
     fn = model_dpo_loss if kind == "plain" else model_pair_dpo_loss
+    if cfg.router_aux_loss_coef and not return_logps:      # training and evaluation, not the log-prob passes
+        kwargs = dict(kwargs, router_aux_loss_coef=cfg.router_aux_loss_coef)
     out = policy(fn, *args, ref_c, ref_r, **kwargs, **cfg.loss_options(), return_logps=return_logps)
     return (*out, tokens)
 
@@ -172,6 +175,8 @@ def resolve_layout(cfg: TrainConfig, model, device: torch.device) -> None:
     supported = supports_layout(base)
     impl = getattr(base.config, "_attn_implementation", None) or "eager"
     reason = None if supported else f"{type(base).__name__} is not among the classes verified for it"
+    if reason is None and cfg.router_aux_loss_coef:
+        reason = "the MoE load-balancing loss (--router-aux-loss-coef) is TRL's over the padded pairs"
     if reason is None and impl not in ("eager", "sdpa", "flex_attention"):
         reason = f"its attention ({impl}) takes no custom mask"
     for name in ("share_prompt", "packing"):
@@ -393,9 +398,17 @@ class StopSignals:
 
 # ------------------------------------------------------------------------------------------------ the algorithm
 
+def probe_head(model) -> None:
+    """A class the head table does not know: accepted by the probe with a one-line notice, or refused."""
+    notice = check_output_head(model)
+    if notice:
+        warnings.warn(notice, stacklevel=2)
+
+
 def reference_model(cfg: TrainConfig, policy_model, device: torch.device):
     """--ref-model, checked: a head fastdpo can fuse, the policy's vocabulary, the run's layout."""
     ref = load_pretrained(cfg.ref_model, "--ref-model", cfg)
+    probe_head(ref)
     output_head(ref)
     if ref.get_output_embeddings().weight.shape[0] != policy_model.get_output_embeddings().weight.shape[0]:
         raise ValueError(f"--ref-model {cfg.ref_model!r} has another vocabulary size than --model; the reference "
@@ -434,7 +447,12 @@ def train(cfg: TrainConfig) -> dict:
         train_pairs, eval_pairs = prefs.load_pairs(cfg.dataset, cfg.eval_fraction, cfg.seed, config=cfg.dataset_config,
                                                    split=cfg.dataset_split, eval_dataset=cfg.eval_dataset)
         tokenizer, model = load_model(cfg, train_pairs)
+        probe_head(model)
         output_head(model)                          # a family whose head cannot be fused fails here, not later
+        try:
+            cfg.router_aux_loss_coef = router_aux_loss_coef(model, cfg.router_aux_loss_coef)
+        except ValueError as e:
+            raise ValueError(f"--router-aux-loss-coef: {e}") from None
         resolve_layout(cfg, model, device)
         if cfg.disable_dropout:
             disable_dropout(model)
