@@ -12,16 +12,19 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .._loss_names import F_DIVERGENCES, LOSS_TYPES
+
 
 class ConfigError(ValueError):
     """A bad option: the message names it and says what is allowed."""
 
 
-def opt(default, help: str, *, choices=None, at_least=None, above=None, below=None, const=None):
-    """A field with its help text and rules: ``at_least`` (inclusive), ``above``/``below`` (exclusive); ``const``:
-    the value of the bare flag (and of YAML ``true``) for a string option that may also be given a value."""
-    return field(default=default, metadata=dict(help=help, choices=choices, at_least=at_least, above=above,
-                                                below=below, const=const))
+def opt(default, help: str, *, choices=None, several=False, at_least=None, above=None, below=None, const=None):
+    """A field with its help text and rules: ``choices`` (with ``several``: one or more of them, comma-separated),
+    ``at_least`` (inclusive), ``above``/``below`` (exclusive); ``const``: the value of the bare flag (and of YAML
+    ``true``) for a string option that may also be given a value."""
+    return field(default=default, metadata=dict(help=help, choices=choices, several=several, at_least=at_least,
+                                                above=above, below=below, const=const))
 
 
 # Defaults that depend on what is trained: the demo's own settings, or TRL's DPOConfig defaults with --model.
@@ -73,11 +76,11 @@ class TrainConfig:
                                                "without gradient checkpointing, where it was measured faster)")
     # DPO
     beta: float = opt(0.1, "DPO beta", above=0.0)
-    loss_type: str = opt("sigmoid", "fastdpo.loss loss type (TRL's names, or simpo), or several, comma-separated")
+    loss_type: str = opt("sigmoid", "the loss (TRL's loss_type names, plus simpo), or several, summed with "
+                                    "--loss-weights", choices=LOSS_TYPES, several=True)
     loss_weights: Optional[str] = opt(None, "comma-separated weights, one per --loss-type (default: 1 each)")
     label_smoothing: float = opt(0.0, "label smoothing (robust, exo_pair, ...; as TRL)", at_least=0.0)
-    f_divergence_type: str = opt("reverse_kl", "f-divergence of the DPO score (reverse_kl, forward_kl, "
-                                               "js_divergence, alpha_divergence)")
+    f_divergence_type: str = opt("reverse_kl", "f-divergence of the DPO score", choices=F_DIVERGENCES)
     f_alpha_divergence_coef: float = opt(0.5, "alpha of alpha_divergence")
     ld_alpha: Optional[float] = opt(None, "LD-DPO: the tokens of a reply beyond the length both replies of its pair "
                                           "share count this much (0 to 1; TRL's ld_alpha)", at_least=0.0)
@@ -149,6 +152,28 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 HINTS = typing.get_type_hints(TrainConfig)
 
+# The sections of ``fastdpo train --help``: title -> (what they set, their options in order). Every option is in one.
+GROUPS = {
+    "model": ("what is trained and against which reference",
+              ("model", "ref_model", "reference_free", "tokenizer", "trust_remote_code", "torch_dtype",
+               "attn_implementation", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")),
+    "data": ("preference pairs in TRL's formats",
+             ("dataset", "dataset_config", "dataset_split", "eval_dataset", "eval_fraction", "max_length")),
+    "loss": ("the DPO loss, TRL's options of the same names",
+             ("loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef",
+              "ld_alpha", "use_weighting")),
+    "training": ("optimizer, schedule and batches",
+                 ("steps", "batch_size", "max_tokens", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule",
+                  "max_grad_norm", "gradient_checkpointing", "disable_dropout", "seed")),
+    "layout": ("how pairs are laid out in a micro-batch (same results, less work)",
+               ("share_prompt", "packing", "prompt_cache", "span_attention")),
+    "output": ("the run directory, checkpoints, logging",
+               ("output_dir", "overwrite", "resume", "save_every", "save_total_limit", "eval_every", "logging_steps",
+                "report_to", "cache_dir", "progress")),
+    "distributed": ("under torchrun or accelerate launch (WORLD_SIZE > 1): data parallel by default",
+                    ("fsdp",)),
+}
+
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -186,7 +211,8 @@ def coerce(name: str, value):
         raise ConfigError(f"{flag(name)} needs a value")
     noun = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
     rule = _rule(meta)
-    want = f"{noun} {rule}".strip() if not meta["choices"] else f"one of {', '.join(meta['choices'])}"
+    want = f"{noun} {rule}".strip() if not meta["choices"] else f"one of {', '.join(meta['choices'])}" + (
+        ", or several of them comma-separated" if meta["several"] else "")
 
     raw = value
 
@@ -218,7 +244,8 @@ def coerce(name: str, value):
             raise bad()
     elif not isinstance(value, str) or not value.strip():
         raise bad()
-    if meta["choices"] and value not in meta["choices"]:
+    items = [v.strip() for v in value.split(",")] if meta["several"] else [value]
+    if meta["choices"] and not set(items) <= set(meta["choices"]):
         raise bad()
     if ((meta["at_least"] is not None and value < meta["at_least"])
             or (meta["above"] is not None and value <= meta["above"])
