@@ -387,19 +387,21 @@ def tiny_model_dir(tmp_path) -> str:
     return str(path)
 
 
-NOISE = ("Loading weights", "Writing model shards", "Generating train split", "FutureWarning", "it/s]", "%|")
+NOISE = ("Loading weights", "Writing model shards", "Generating train split", "FutureWarning", "it/s]", "%|",
+         "examples/s]")
 
 
 def test_no_progress_silences_the_libraries_too(tmp_path):
-    """--no-progress: no bar or message of transformers (loading), datasets (a CSV's split), peft (--lora-r's
-    FutureWarning), nor fastdpo's own; the run still says what it did."""
-    import pandas as pd
-    pd.DataFrame(ROWS).to_csv(tmp_path / "d.csv", index=False)
+    """--no-progress: no bar or message of transformers (loading), datasets (a data directory's splits), peft
+    (--lora-r's FutureWarning), nor fastdpo's own; the run still says what it did."""
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets")}
-    run = subprocess.run([sys.executable, "-m", "fastdpo", "train", "--model", tiny_model_dir(tmp_path), "--dataset",
-                          str(tmp_path / "d.csv"), "--lora-r", "4", "--no-progress", "--steps", "1", "--batch-size",
-                          "4", "--eval-every", "0", "--save-every", "0", "--max-length", "32", "--output-dir", str(tmp_path / "run"), "--cache-dir",
-                          str(tmp_path / "cache")], capture_output=True, text=True, env=env, timeout=300)
+    args = ["--model", tiny_model_dir(tmp_path), "--dataset", str(tmp_path / "data"), "--lora-r", "4", "--no-progress",
+            "--steps", "1", "--batch-size", "4", "--eval-every", "0", "--save-every", "0", "--max-length", "32",
+            "--output-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")]
+    run = subprocess.run([sys.executable, "-m", "fastdpo", "train", *args], capture_output=True, text=True, env=env,
+                         timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert not [n for n in NOISE if n in run.stderr + run.stdout], run.stderr[-2000:]
     assert "run directory:" in run.stdout

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Optional
@@ -31,6 +32,8 @@ def opt(default, help: str, *, choices=None, several=False, at_least=None, above
 DEMO_DEFAULTS = dict(lr=1e-3, max_length=96)
 MODEL_DEFAULTS = dict(lr=1e-6, max_length=1024)
 SCHEDULES = ("cosine", "linear", "constant")
+# a Hugging Face repository id: name or org/name
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -299,18 +302,39 @@ def build(options: dict, given: set) -> TrainConfig:
     if cfg.dataset is None and ({"dataset_config", "dataset_split"} & given):
         raise ConfigError("--dataset-config/--dataset-split apply to a Hugging Face or saved --dataset")
     for name in ("model", "ref_model", "tokenizer", "dataset", "eval_dataset"):
-        setattr(cfg, name, resolve_path(getattr(cfg, name)))
+        setattr(cfg, name, resolve_path(getattr(cfg, name), name))
     cfg.output_dir = os.path.abspath(os.path.expanduser(cfg.output_dir))
     if cfg.cache_dir is not None:
         cfg.cache_dir = os.path.abspath(os.path.expanduser(cfg.cache_dir))
     return cfg
 
 
-def resolve_path(value: Optional[str]) -> Optional[str]:
-    """Local paths as absolute, normalized paths (so ./m, m and /abs/m are one run's config); hub names as given."""
-    if value is None:
-        return None
+def local_reason(value: str) -> Optional[str]:
+    """Why ``value`` of --model, --dataset, ... names a local path rather than a Hugging Face hub repository, or None
+    for a hub name: it exists; it starts as a path does (/, ./, ../, ~); or it has a path separator and either its
+    directory exists here (models/nope when ./models exists) or it is not of the hub's form, org/name."""
     expanded = os.path.expanduser(value)
     if os.path.exists(expanded) or os.path.isabs(expanded) or value.startswith((".", "~")):
-        return os.path.abspath(expanded)
-    return value
+        return ""
+    if "/" in value or os.sep in value:
+        parent = os.path.dirname(expanded)
+        if os.path.isdir(parent):
+            return f" (read as a local path: {parent + os.sep!r} exists here)"
+        if not HUB_NAME.match(value):
+            return " (read as a local path: a hub name is org/name)"
+    return None
+
+
+def resolve_path(value: Optional[str], name: str) -> Optional[str]:
+    """Local paths as absolute, normalized paths (so ./m, m and /abs/m are one run's config); hub names as given.
+    A local path that does not exist fails here, naming the option, before the hub is asked for it."""
+    if value is None:
+        return None
+    why = local_reason(value)
+    if why is None:
+        return value
+    path = os.path.abspath(os.path.expanduser(value))
+    if not os.path.exists(path):
+        what = "file or directory" if name in ("dataset", "eval_dataset") else "directory"
+        raise ConfigError(f"{flag(name)} {value!r}: no such {what}{why}")
+    return path
