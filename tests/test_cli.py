@@ -396,7 +396,8 @@ def test_no_progress_silences_the_libraries_too(tmp_path):
     (--lora-r's FutureWarning), nor fastdpo's own; the run still says what it did."""
     (tmp_path / "data").mkdir()
     write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets")}
+    env = {k: v for k, v in os.environ.items() if "PROGRESS_BARS" not in k}        # the switches' variables
+    env.update(OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp_path / "hf-datasets"))
     args = ["--model", tiny_model_dir(tmp_path), "--dataset", str(tmp_path / "data"), "--lora-r", "4", "--no-progress",
             "--steps", "1", "--batch-size", "4", "--eval-every", "0", "--save-every", "0", "--max-length", "32",
             "--output-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")]
@@ -407,18 +408,14 @@ def test_no_progress_silences_the_libraries_too(tmp_path):
     assert "run directory:" in run.stdout
 
 
-def test_no_progress_silences_transformers_writing_bar(tmp_path, capfd, monkeypatch):
-    import huggingface_hub.utils
+def test_no_progress_silences_transformers_writing_bar_and_sets_it_back(tmp_path, capfd):
     from families import tiny
     from transformers.utils import logging as transformers_logging
-    monkeypatch.delenv("HF_DATASETS_DISABLE_PROGRESS_BARS", raising=False)     # restored after the test
     model = tiny("llama")
+    transformers_logging.enable_progress_bar()
     model.save_pretrained(str(tmp_path / "a"))
     assert "Writing model shards" in capfd.readouterr().err          # what --no-progress has to silence
-    try:
-        cli._silence_libraries()
+    with cli._quiet_libraries(build({}, set())):
         model.save_pretrained(str(tmp_path / "b"))
         assert "Writing model shards" not in capfd.readouterr().err
-    finally:
-        transformers_logging.enable_progress_bar()
-        huggingface_hub.utils.enable_progress_bars()
+    assert transformers_logging.is_progress_bar_enabled()

@@ -6,6 +6,7 @@ the run with one line on stderr and a non-zero exit code, never a traceback (FAS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -119,21 +120,35 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
     return _default_format(message, category, filename, lineno, line)
 
 
-def _silence_libraries() -> None:
+@contextlib.contextmanager
+def _quiet_libraries(cfg):
     """--no-progress: the libraries' own switches for their bars and messages (transformers' "Loading weights" and
     "Writing model shards", the hub's downloads, datasets' "Generating train split"), and the FutureWarnings their
     internals raise at each other (peft reading transformers' deprecated ``is_gradient_checkpointing`` under
-    --lora-r), which no option of fastdpo can act on."""
-    import huggingface_hub.utils
+    --lora-r), which no option of fastdpo can act on. Set back afterwards."""
+    import huggingface_hub.utils as hub
     from transformers.utils import logging as transformers_logging
-    transformers_logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()
-    if "datasets" in sys.modules:
-        sys.modules["datasets"].disable_progress_bars()
-    else:                                # read when datasets is imported: not imported for a local JSON file
-        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-    warnings.filterwarnings("ignore", category=FutureWarning,
-                            module=r"(transformers|peft|datasets|huggingface_hub|accelerate)(\.|$)")
+    switches = [(transformers_logging.is_progress_bar_enabled, transformers_logging.disable_progress_bar,
+                 transformers_logging.enable_progress_bar),
+                (lambda: not hub.are_progress_bars_disabled(), hub.disable_progress_bars, hub.enable_progress_bars)]
+    # datasets reads hub datasets and data directories only (local files are read without it): imported if used
+    if "datasets" in sys.modules or any(d is not None and not os.path.isfile(d) for d in (cfg.dataset,
+                                                                                           cfg.eval_dataset)):
+        import datasets
+        switches.append((datasets.is_progress_bar_enabled, datasets.disable_progress_bars,
+                         datasets.enable_progress_bars))
+    were_on = [is_on() for is_on, _, _ in switches]
+    for _, off, _ in switches:
+        off()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning,
+                                    module=r"(transformers|peft|datasets|huggingface_hub|accelerate)(\.|$)")
+            yield
+    finally:
+        for (_, _, on), was_on in zip(switches, were_on):
+            if was_on:
+                on()
 
 
 def _error(e: BaseException) -> int:
@@ -153,9 +168,8 @@ def main(argv=None) -> int:
         return _error(e)
     from .trainer import Interrupted, train
     try:
-        if not cfg.progress:
-            _silence_libraries()
-        summary = train(cfg)
+        with _quiet_libraries(cfg) if not cfg.progress else contextlib.nullcontext():
+            summary = train(cfg)
     except Interrupted as e:
         print(f"fastdpo train: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -32,9 +32,8 @@ def opt(default, help: str, *, choices=None, several=False, at_least=None, above
 DEMO_DEFAULTS = dict(lr=1e-3, max_length=96)
 MODEL_DEFAULTS = dict(lr=1e-6, max_length=1024)
 SCHEDULES = ("cosine", "linear", "constant")
-# a Hugging Face repository id: name or org/name
-HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")        # a Hugging Face repository id: name or org/name
 
 
 @dataclass
@@ -265,6 +264,8 @@ def build(options: dict, given: set) -> TrainConfig:
     for name, value in (MODEL_DEFAULTS if cfg.model else DEMO_DEFAULTS).items():
         if getattr(cfg, name) is None:
             setattr(cfg, name, value)
+    for name in ("model", "ref_model", "tokenizer", "dataset", "eval_dataset"):      # before the hub is asked
+        setattr(cfg, name, resolve_path(getattr(cfg, name), name))
     lora_only = sorted(n for n in ("lora_alpha", "lora_dropout", "lora_target_modules") if n in given)
     if lora_only and cfg.lora_r == 0:
         raise ConfigError(f"{', '.join(map(flag, lora_only))} only apply with --lora-r > 0")
@@ -301,8 +302,6 @@ def build(options: dict, given: set) -> TrainConfig:
             raise ConfigError(f"--report-to {report} needs the {package} package (pip install {package})")
     if cfg.dataset is None and ({"dataset_config", "dataset_split"} & given):
         raise ConfigError("--dataset-config/--dataset-split apply to a Hugging Face or saved --dataset")
-    for name in ("model", "ref_model", "tokenizer", "dataset", "eval_dataset"):
-        setattr(cfg, name, resolve_path(getattr(cfg, name), name))
     cfg.output_dir = os.path.abspath(os.path.expanduser(cfg.output_dir))
     if cfg.cache_dir is not None:
         cfg.cache_dir = os.path.abspath(os.path.expanduser(cfg.cache_dir))
