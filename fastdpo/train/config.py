@@ -126,7 +126,8 @@ class TrainConfig:
     logging_steps: int = opt(1, "log the training metrics every N steps (each value averaged over them)",
                              at_least=1)
     report_to: str = opt("none", "also log to: none, tensorboard, wandb (offline), or a comma-separated list")
-    progress: bool = opt(True, "progress bars")
+    progress: bool = opt(True, "progress bars (--no-progress: none, and no loading bars or messages of "
+                               "transformers, datasets and peft either)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
