@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._loss_names import F_DIVERGENCES, LOSS_TYPES  # noqa: F401  (the names live where torch is not needed)
+
 
 def logit_transform(logits: torch.Tensor, logit_scale: float = 1.0, softcap: Optional[float] = None,
                     temperature: float = 1.0) -> torch.Tensor:
@@ -55,10 +57,6 @@ def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, logi
 
 
 # ----------------------------------------------------------------------------------------------- DPO losses
-
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo")
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
 def model_sequence_logps(model, input_ids, labels, *, attention_mask=None, position_ids=None, average=False):

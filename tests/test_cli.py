@@ -75,12 +75,13 @@ BAD_FLAGS = [
     (["--seed", "-1"], "--seed must be an integer >= 0"),
     (["--schedule", "exponential"], "--schedule must be one of cosine, linear, constant"),
     (["--torch-dtype", "float8"], "--torch-dtype must be one of auto, float32, bfloat16, float16"),
-    (["--loss-type", "nope"], "--loss-type 'nope': unknown loss_type"),
+    (["--loss-type", "nope"], "--loss-type must be one of sigmoid, hinge, ipo,"),
+    (["--loss-type", "sigmoid,nope"], "or several of them comma-separated, got 'sigmoid,nope'"),
     (["--loss-type", "exo_pair"], "--loss-type 'exo_pair': label_smoothing must lie in (0, 1)"),
     (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
     (["--loss-weights", "a,b"], "--loss-weights must be comma-separated numbers, got 'a,b'"),
     (["--loss-type", "sigmoid,ipo", "--loss-weights", "1"], "loss_weights has 1 entries but loss_type has 2"),
-    (["--f-divergence-type", "wasserstein"], "unknown f_divergence_type 'wasserstein'"),
+    (["--f-divergence-type", "wasserstein"], "--f-divergence-type must be one of reverse_kl, forward_kl, "),
     (["--loss-type", "robust", "--label-smoothing", "0.7"], "label_smoothing must lie in [0, 0.5)"),
     (["--ld-alpha", "1.5"], "--ld-alpha: ld_alpha must be None or a number in [0, 1], got 1.5"),
     (["--ld-alpha", "-1"], "--ld-alpha must be a number >= 0"),
@@ -183,6 +184,46 @@ def test_help_shows_each_default_once(capsys):
     from fastdpo.train.config import FIELDS
     for name in FIELDS:
         assert "--" + name.replace("_", "-") in text
+
+
+def test_help_groups_the_options_and_lists_choices(capsys):
+    from fastdpo._loss_names import F_DIVERGENCES, LOSS_TYPES
+    from fastdpo.train.config import FIELDS, GROUPS
+    grouped = [name for _, names in GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(FIELDS)                     # each option in exactly one group
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())            # argparse wraps lines
+    titles = ["model", "data", "loss", "training", "layout", "output", "distributed"]
+    positions = [text.find(f"{t} options:") for t in titles]
+    assert -1 not in positions and positions == sorted(positions)
+    assert "other options:" not in text
+    assert "one or more (comma-separated) of: " + ", ".join(LOSS_TYPES) in text
+    assert "--f-divergence-type {" + ",".join(F_DIVERGENCES) + "}" in text
+    assert "--schedule {cosine,linear,constant}" in text
+
+
+QUICK = """
+import sys
+from fastdpo.train import cli
+try:
+    code = cli.main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+print(code, sorted(m for m in ("torch", "transformers", "datasets") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["--bogus"], 2), (["--steps", "0"], 2),
+                                        (["--loss-type", "sigmoid,nope"], 2), (["--schedule", "cosine!"], 2),
+                                        (["--lora-alpha", "8"], 2)], ids=["help", "unknown", "rule", "loss-type",
+                                                                          "choice", "cross-option"])
+def test_help_and_bad_options_import_neither_torch_nor_transformers(args, code):
+    """--help and argument errors answer before the heavy libraries load (they took seconds)."""
+    run = subprocess.run([sys.executable, "-c", QUICK, "train", *args], capture_output=True, text=True, timeout=60)
+    assert run.stdout.splitlines()[-1] == f"{code} []", run.stdout[-500:] + run.stderr[-500:]
+    if code:
+        assert len(run.stderr.strip().splitlines()) <= 2, run.stderr    # argparse's usage line, then the error
 
 
 def test_bad_model_paths(tmp_path, capsys):
@@ -334,3 +375,48 @@ def test_interrupt_writes_a_checkpoint_and_resume_continues_bitwise(tmp_path, si
                 if "loss" in r]
     assert losses("cut") == losses("straight")
     assert [s for s, _ in losses("cut")] == list(range(1, 31))
+
+
+def tiny_model_dir(tmp_path) -> str:
+    """A tiny random Llama with a tokenizer trained on ROWS, saved as --model takes it."""
+    from families import tiny
+    from fastdpo.train.tokenizer import trained_tokenizer
+    path = tmp_path / "tiny-model"
+    tok = trained_tokenizer(ROWS, 300, str(tmp_path / "tok"))
+    tiny("llama", vocab=len(tok)).save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return str(path)
+
+
+NOISE = ("Loading weights", "Writing model shards", "Generating train split", "FutureWarning", "it/s]", "%|",
+         "examples/s]")
+
+
+def test_no_progress_silences_the_libraries_too(tmp_path):
+    """--no-progress: no bar or message of transformers (loading), datasets (a data directory's splits), peft
+    (--lora-r's FutureWarning), nor fastdpo's own; the run still says what it did."""
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    env = {k: v for k, v in os.environ.items() if "PROGRESS_BARS" not in k}        # the switches' variables
+    env.update(OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp_path / "hf-datasets"))
+    args = ["--model", tiny_model_dir(tmp_path), "--dataset", str(tmp_path / "data"), "--lora-r", "4", "--no-progress",
+            "--steps", "1", "--batch-size", "4", "--eval-every", "0", "--save-every", "0", "--max-length", "32",
+            "--output-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")]
+    run = subprocess.run([sys.executable, "-m", "fastdpo", "train", *args], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not [n for n in NOISE if n in run.stderr + run.stdout], run.stderr[-2000:]
+    assert "run directory:" in run.stdout
+
+
+def test_no_progress_silences_transformers_writing_bar_and_sets_it_back(tmp_path, capfd):
+    from families import tiny
+    from transformers.utils import logging as transformers_logging
+    model = tiny("llama")
+    transformers_logging.enable_progress_bar()
+    model.save_pretrained(str(tmp_path / "a"))
+    assert "Writing model shards" in capfd.readouterr().err          # what --no-progress has to silence
+    with cli._quiet_libraries(build({}, set())):
+        model.save_pretrained(str(tmp_path / "b"))
+        assert "Writing model shards" not in capfd.readouterr().err
+    assert transformers_logging.is_progress_bar_enabled()

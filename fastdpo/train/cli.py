@@ -6,12 +6,13 @@ the run with one line on stderr and a non-zero exit code, never a traceback (FAS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
 
 from .. import __version__
-from .config import FIELDS, ConfigError, build, flag, kind_of
+from .config import FIELDS, GROUPS, ConfigError, build, flag, kind_of
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -24,23 +25,48 @@ def _default_text(name: str) -> str:
     return f" (default: {str(default).lower() if isinstance(default, bool) else default})"
 
 
+def _choices_text(name: str) -> str:
+    meta = FIELDS[name].metadata
+    if not meta["choices"]:
+        return ""
+    return f"; {'one or more (comma-separated) of' if meta['several'] else 'one of'}: {', '.join(meta['choices'])}"
+
+
+def _add_option(group, name: str) -> None:
+    f = FIELDS[name]
+    kind, _ = kind_of(name)
+    text = f.metadata["help"] + _choices_text(name) + _default_text(name)
+    if kind is bool:
+        group.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=None, help=text)
+    elif f.metadata["const"] is not None:
+        group.add_argument(flag(name), nargs="?", const=f.metadata["const"], default=None, metavar="PATH", help=text)
+    else:       # raw strings: config.coerce checks flags and YAML values alike (choices too, in one message)
+        choices = f.metadata["choices"]
+        metavar = ("{" + ",".join(choices) + "}" if choices and not f.metadata["several"]
+                   else {int: "N", float: "X"}.get(kind, name.upper()))
+        group.add_argument(flag(name), default=None, metavar=metavar, help=text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastdpo", description="fastdpo: fast, lean DPO training")
     p.add_argument("--version", action="version", version=f"fastdpo {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a causal LM with DPO (no arguments: the built-in demo run)",
+                       usage="%(prog)s [--config YAML] [OPTION ...]",
                        description="Train a causal LM with DPO. Without arguments: the built-in demo run.")
     t.add_argument("--config", help="YAML file of options (keys as below, with underscores or dashes); flags "
                                     "override it")
-    for name, f in FIELDS.items():
-        kind, _ = kind_of(name)
-        text = f.metadata["help"] + _default_text(name)
-        if kind is bool:
-            t.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif f.metadata["const"] is not None:
-            t.add_argument(flag(name), nargs="?", const=f.metadata["const"], default=None, metavar="PATH", help=text)
-        else:       # raw strings: config.coerce checks flags and YAML values alike
-            t.add_argument(flag(name), default=None, metavar=name.upper(), help=text)
+    placed = set()
+    for title, (about, names) in GROUPS.items():
+        group = t.add_argument_group(f"{title} options", about)
+        for name in names:
+            _add_option(group, name)
+        placed.update(names)
+    rest = [name for name in FIELDS if name not in placed]
+    if rest:                                    # an option added to TrainConfig but not to config.GROUPS
+        group = t.add_argument_group("other options")
+        for name in rest:
+            _add_option(group, name)
     return p
 
 
@@ -94,24 +120,64 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
     return _default_format(message, category, filename, lineno, line)
 
 
+@contextlib.contextmanager
+def _quiet_libraries(cfg):
+    """--no-progress: the libraries' own switches for their bars and messages (transformers' "Loading weights" and
+    "Writing model shards", the hub's downloads, datasets' "Generating train split"), and the FutureWarnings their
+    internals raise at each other (peft reading transformers' deprecated ``is_gradient_checkpointing`` under
+    --lora-r), which no option of fastdpo can act on. Set back afterwards."""
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as transformers_logging
+    switches = [(transformers_logging.is_progress_bar_enabled, transformers_logging.disable_progress_bar,
+                 transformers_logging.enable_progress_bar),
+                (lambda: not hub.are_progress_bars_disabled(), hub.disable_progress_bars, hub.enable_progress_bars)]
+    # datasets reads hub datasets and data directories only (local files are read without it): imported if used
+    if "datasets" in sys.modules or any(d is not None and not os.path.isfile(d) for d in (cfg.dataset,
+                                                                                           cfg.eval_dataset)):
+        import datasets
+        switches.append((datasets.is_progress_bar_enabled, datasets.disable_progress_bars,
+                         datasets.enable_progress_bars))
+    were_on = [is_on() for is_on, _, _ in switches]
+    for _, off, _ in switches:
+        off()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning,
+                                    module=r"(transformers|peft|datasets|huggingface_hub|accelerate)(\.|$)")
+            yield
+    finally:
+        for (_, _, on), was_on in zip(switches, were_on):
+            if was_on:
+                on()
+
+
+def _error(e: BaseException) -> int:
+    """ConfigError, data and model errors: one line (FASTDPO_DEBUG=1: the traceback)."""
+    if os.environ.get("FASTDPO_DEBUG") == "1":
+        raise e
+    print(f"fastdpo train: error: {_one_line(e)}", file=sys.stderr)
+    return EXIT_ERROR
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = _warning_line          # data warnings as one line each, not a source excerpt
+    try:
+        cfg, _ = config_from_args(argv)             # --help and bad options end here, before torch is imported
+    except (ValueError, OSError) as e:
+        return _error(e)
     from .trainer import Interrupted, train
     try:
-        cfg, _ = config_from_args(argv)
-        summary = train(cfg)
+        with _quiet_libraries(cfg) if not cfg.progress else contextlib.nullcontext():
+            summary = train(cfg)
     except Interrupted as e:
         print(f"fastdpo train: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("fastdpo train: interrupted at once; nothing saved since the last checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, OSError) as e:      # ConfigError, data and model errors: one line
-        if os.environ.get("FASTDPO_DEBUG") == "1":
-            raise
-        print(f"fastdpo train: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_ERROR
+    except (ValueError, OSError) as e:
+        return _error(e)
     if os.environ.get("RANK", "0") != "0":       # under torchrun, rank 0 reports
         return 0
     b, a = summary["before"], summary["after"]

@@ -8,20 +8,24 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Optional
+
+from .._loss_names import F_DIVERGENCES, LOSS_TYPES
 
 
 class ConfigError(ValueError):
     """A bad option: the message names it and says what is allowed."""
 
 
-def opt(default, help: str, *, choices=None, at_least=None, above=None, below=None, const=None):
-    """A field with its help text and rules: ``at_least`` (inclusive), ``above``/``below`` (exclusive); ``const``:
-    the value of the bare flag (and of YAML ``true``) for a string option that may also be given a value."""
-    return field(default=default, metadata=dict(help=help, choices=choices, at_least=at_least, above=above,
-                                                below=below, const=const))
+def opt(default, help: str, *, choices=None, several=False, at_least=None, above=None, below=None, const=None):
+    """A field with its help text and rules: ``choices`` (with ``several``: one or more of them, comma-separated),
+    ``at_least`` (inclusive), ``above``/``below`` (exclusive); ``const``: the value of the bare flag (and of YAML
+    ``true``) for a string option that may also be given a value."""
+    return field(default=default, metadata=dict(help=help, choices=choices, several=several, at_least=at_least,
+                                                above=above, below=below, const=const))
 
 
 # Defaults that depend on what is trained: the demo's own settings, or TRL's DPOConfig defaults with --model.
@@ -29,6 +33,7 @@ DEMO_DEFAULTS = dict(lr=1e-3, max_length=96)
 MODEL_DEFAULTS = dict(lr=1e-6, max_length=1024)
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")        # a Hugging Face repository id: name or org/name
 
 
 @dataclass
@@ -73,11 +78,11 @@ class TrainConfig:
                                                "without gradient checkpointing, where it was measured faster)")
     # DPO
     beta: float = opt(0.1, "DPO beta", above=0.0)
-    loss_type: str = opt("sigmoid", "fastdpo.loss loss type (TRL's names, or simpo), or several, comma-separated")
+    loss_type: str = opt("sigmoid", "the loss (TRL's loss_type names, plus simpo), or several, summed with "
+                                    "--loss-weights", choices=LOSS_TYPES, several=True)
     loss_weights: Optional[str] = opt(None, "comma-separated weights, one per --loss-type (default: 1 each)")
     label_smoothing: float = opt(0.0, "label smoothing (robust, exo_pair, ...; as TRL)", at_least=0.0)
-    f_divergence_type: str = opt("reverse_kl", "f-divergence of the DPO score (reverse_kl, forward_kl, "
-                                               "js_divergence, alpha_divergence)")
+    f_divergence_type: str = opt("reverse_kl", "f-divergence of the DPO score", choices=F_DIVERGENCES)
     f_alpha_divergence_coef: float = opt(0.5, "alpha of alpha_divergence")
     ld_alpha: Optional[float] = opt(None, "LD-DPO: the tokens of a reply beyond the length both replies of its pair "
                                           "share count this much (0 to 1; TRL's ld_alpha)", at_least=0.0)
@@ -125,7 +130,8 @@ class TrainConfig:
     logging_steps: int = opt(1, "log the training metrics every N steps (each value averaged over them)",
                              at_least=1)
     report_to: str = opt("none", "also log to: none, tensorboard, wandb (offline), or a comma-separated list")
-    progress: bool = opt(True, "progress bars")
+    progress: bool = opt(True, "progress bars (--no-progress: none, and no loading bars or messages of "
+                               "transformers, datasets and peft either)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -152,6 +158,28 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 HINTS = typing.get_type_hints(TrainConfig)
+
+# The sections of ``fastdpo train --help``: title -> (what they set, their options in order). Every option is in one.
+GROUPS = {
+    "model": ("what is trained and against which reference",
+              ("model", "ref_model", "reference_free", "tokenizer", "trust_remote_code", "torch_dtype",
+               "attn_implementation", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")),
+    "data": ("preference pairs in TRL's formats",
+             ("dataset", "dataset_config", "dataset_split", "eval_dataset", "eval_fraction", "max_length")),
+    "loss": ("the DPO loss, TRL's options of the same names",
+             ("loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef",
+              "ld_alpha", "use_weighting")),
+    "training": ("optimizer, schedule and batches",
+                 ("steps", "batch_size", "max_tokens", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule",
+                  "max_grad_norm", "gradient_checkpointing", "disable_dropout", "seed")),
+    "layout": ("how pairs are laid out in a micro-batch (same results, less work)",
+               ("share_prompt", "packing", "prompt_cache", "span_attention")),
+    "output": ("the run directory, checkpoints, logging",
+               ("output_dir", "overwrite", "resume", "save_every", "save_total_limit", "eval_every", "logging_steps",
+                "report_to", "cache_dir", "progress")),
+    "distributed": ("under torchrun or accelerate launch (WORLD_SIZE > 1): data parallel by default",
+                    ("fsdp",)),
+}
 
 
 def flag(name: str) -> str:
@@ -190,7 +218,8 @@ def coerce(name: str, value):
         raise ConfigError(f"{flag(name)} needs a value")
     noun = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
     rule = _rule(meta)
-    want = f"{noun} {rule}".strip() if not meta["choices"] else f"one of {', '.join(meta['choices'])}"
+    want = f"{noun} {rule}".strip() if not meta["choices"] else f"one of {', '.join(meta['choices'])}" + (
+        ", or several of them comma-separated" if meta["several"] else "")
 
     raw = value
 
@@ -222,7 +251,8 @@ def coerce(name: str, value):
             raise bad()
     elif not isinstance(value, str) or not value.strip():
         raise bad()
-    if meta["choices"] and value not in meta["choices"]:
+    items = [v.strip() for v in value.split(",")] if meta["several"] else [value]
+    if meta["choices"] and not set(items) <= set(meta["choices"]):
         raise bad()
     if ((meta["at_least"] is not None and value < meta["at_least"])
             or (meta["above"] is not None and value <= meta["above"])
@@ -239,6 +269,8 @@ def build(options: dict, given: set) -> TrainConfig:
     for name, value in (MODEL_DEFAULTS if cfg.model else DEMO_DEFAULTS).items():
         if getattr(cfg, name) is None:
             setattr(cfg, name, value)
+    for name in ("model", "ref_model", "tokenizer", "dataset", "eval_dataset"):      # before the hub is asked
+        setattr(cfg, name, resolve_path(getattr(cfg, name), name))
     lora_only = sorted(n for n in ("lora_alpha", "lora_dropout", "lora_target_modules") if n in given)
     if lora_only and cfg.lora_r == 0:
         raise ConfigError(f"{', '.join(map(flag, lora_only))} only apply with --lora-r > 0")
@@ -275,19 +307,38 @@ def build(options: dict, given: set) -> TrainConfig:
             raise ConfigError(f"--report-to {report} needs the {package} package (pip install {package})")
     if cfg.dataset is None and ({"dataset_config", "dataset_split"} & given):
         raise ConfigError("--dataset-config/--dataset-split apply to a Hugging Face or saved --dataset")
-    for name in ("model", "ref_model", "tokenizer", "dataset", "eval_dataset"):
-        setattr(cfg, name, resolve_path(getattr(cfg, name)))
     cfg.output_dir = os.path.abspath(os.path.expanduser(cfg.output_dir))
     if cfg.cache_dir is not None:
         cfg.cache_dir = os.path.abspath(os.path.expanduser(cfg.cache_dir))
     return cfg
 
 
-def resolve_path(value: Optional[str]) -> Optional[str]:
-    """Local paths as absolute, normalized paths (so ./m, m and /abs/m are one run's config); hub names as given."""
-    if value is None:
-        return None
+def local_reason(value: str) -> Optional[str]:
+    """Why ``value`` of --model, --dataset, ... names a local path rather than a Hugging Face hub repository, or None
+    for a hub name: it exists; it starts as a path does (/, ./, ../, ~); or it has a path separator and either its
+    directory exists here (models/nope when ./models exists) or it is not of the hub's form, org/name."""
     expanded = os.path.expanduser(value)
     if os.path.exists(expanded) or os.path.isabs(expanded) or value.startswith((".", "~")):
-        return os.path.abspath(expanded)
-    return value
+        return ""
+    if "/" in value or os.sep in value:
+        parent = os.path.dirname(expanded)
+        if os.path.isdir(parent):
+            return f" (read as a local path: {parent + os.sep!r} exists here)"
+        if not HUB_NAME.match(value):
+            return " (read as a local path: a hub name is org/name)"
+    return None
+
+
+def resolve_path(value: Optional[str], name: str) -> Optional[str]:
+    """Local paths as absolute, normalized paths (so ./m, m and /abs/m are one run's config); hub names as given.
+    A local path that does not exist fails here, naming the option, before the hub is asked for it."""
+    if value is None:
+        return None
+    why = local_reason(value)
+    if why is None:
+        return value
+    path = os.path.abspath(os.path.expanduser(value))
+    if not os.path.exists(path):
+        what = "file or directory" if name in ("dataset", "eval_dataset") else "directory"
+        raise ConfigError(f"{flag(name)} {value!r}: no such {what}{why}")
+    return path

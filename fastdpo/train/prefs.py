@@ -9,15 +9,19 @@ tokenized whole, and the completion starts where the two token sequences part.
 """
 from __future__ import annotations
 
+import codecs
+import csv
 import gzip
+import io
 import json
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from importlib import resources
 
 import torch
+
+from .config import HUB_NAME
 
 BUNDLED = "support_prefs.jsonl"
 # file name ending -> how it is read
@@ -25,7 +29,6 @@ FILE_TYPES = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "json", ".json.g
               ".csv": "csv"}
 TRAIN_SPLITS = ("train",)
 EVAL_SPLITS = ("eval", "validation", "valid", "val", "test", "dev")
-HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 class DataError(ValueError):
@@ -46,8 +49,21 @@ def _file_type(path: str):
 
 # ------------------------------------------------------------------------------------------------ read
 
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.lower().endswith(".gz") else open(path, encoding="utf-8")
+def _read_text(path: str) -> str:
+    """The file's text (decompressed for .gz). A byte that is not UTF-8 is an error naming its line and column."""
+    try:
+        with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:                  # unreadable, or not a gzip file
+        raise DataError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if data.startswith(codecs.BOM_UTF8):              # as spreadsheets write CSV
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, line_start = data.count(b"\n", 0, e.start) + 1, data.rfind(b"\n", 0, e.start) + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text (byte {data[e.start]:#04x} at column "
+                        f"{e.start - line_start + 1}: {e.reason})") from None
 
 
 def _read_jsonl(path: str, lines):
@@ -67,16 +83,12 @@ def _read_jsonl(path: str, lines):
 
 def _read_json(path: str):
     """A JSON array of objects, an object of equal-length columns, or (as many .json files are) JSON lines."""
-    try:
-        with _open_text(path) as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":
-            return _read_jsonl(path, text.splitlines())
+            return _read_jsonl(path, text.split("\n"))
         raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
         n = {len(v) for v in data.values()}
@@ -91,13 +103,47 @@ def _read_json(path: str):
     return [(row, f"{path} item {i}") for i, row in enumerate(data)]
 
 
-def _read_table(kind: str, path: str):
-    import datasets
+def _read_csv(path: str):
+    """A header line, then one row per record (a quoted field may span lines); an empty field is null, as pandas
+    (and so datasets) reads it. Errors name the line where the record starts."""
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))       # long completions are not an error
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    rows, header, start = [], None, 1
     try:
-        data = datasets.load_dataset(kind, data_files=path, split="train")
-    except Exception as e:        # pyarrow / pandas parse errors: one line naming the file
-        raise DataError(f"{path}: cannot read it as {kind} ({str(e).strip().splitlines()[0]})") from None
-    return [(dict(r), f"{path} row {i}") for i, r in enumerate(data)]
+        for values in reader:
+            where, start = f"{path} line {start}", reader.line_num + 1
+            if not values:                                              # a blank line
+                continue
+            if header is None:
+                header = values
+            elif len(values) != len(header):
+                raise DataError(f"{where}: {len(values)} fields, but the header line has {len(header)}")
+            else:
+                rows.append(({k: v if v != "" else None for k, v in zip(header, values)}, where))
+    except csv.Error as e:
+        raise DataError(f"{path} line {start}: not valid CSV ({e})") from None
+    return rows
+
+
+def _read_parquet(path: str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:        # pyarrow's errors: not a parquet file, a corrupt page
+        raise DataError(f"{path}: cannot read it as parquet ({str(e).strip().splitlines()[0]})") from None
+    try:
+        rows = table.to_pylist()
+    except Exception:             # a value that does not decode (string bytes that are not UTF-8): find its row
+        for i in range(table.num_rows):
+            try:
+                table.slice(i, 1).to_pylist()
+            except Exception as e:
+                raise DataError(f"{path} row {i}: cannot decode it ({str(e).strip().splitlines()[0]})") from None
+        raise
+    return [(row, f"{path} row {i}") for i, row in enumerate(rows)]
 
 
 def _read_splits(data, name: str, split: str = "train"):
@@ -121,13 +167,9 @@ def read_rows(dataset, config=None, split="train", flag="--dataset"):
     if os.path.isfile(path):
         if kind is None:
             raise DataError(f"{flag} {path!r}: unsupported file type; use {', '.join(FILE_TYPES)}")
-        if kind == "jsonl":
-            try:
-                with _open_text(path) as f:
-                    return _read_jsonl(path, f), None
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        return (_read_json(path) if kind == "json" else _read_table(kind, path)), None
+        read = {"jsonl": lambda p: _read_jsonl(p, _read_text(p).split("\n")), "json": _read_json, "csv": _read_csv,
+                "parquet": _read_parquet}[kind]
+        return read(path), None
     import datasets
     if os.path.isdir(path):
         saved = any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
@@ -185,10 +227,27 @@ def _explicit(row, where: str) -> dict:
         n += 1
     if n and isinstance(chosen, str) and chosen[n - 1] == " ":
         n -= 1                            # TRL: the space before the point they part goes to the completions
+    if prompt is not None and n == 0:     # a prompt of the other format, and no shared start to take one from
+        kinds = ("a string", "message lists") if isinstance(prompt, str) else ("a list of messages", "strings")
+        raise DataError(f"{where}: 'prompt' is {kinds[0]} but 'chosen' and 'rejected' are {kinds[1]}; give all "
+                        "three as strings or all three as message lists")
     if isinstance(chosen, list) and n == 0:
         raise DataError(f"{where}: no prompt: give a 'prompt' column, or start 'chosen' and 'rejected' with the "
                         "same messages")
     return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+def _is_empty(completion) -> bool:
+    return completion == "" if isinstance(completion, str) else all(m["content"] == "" for m in completion)
+
+
+def _check_some_completion(pairs, name: str, columns) -> None:
+    """Refuse training data in which every example's chosen and rejected completions are empty: there is nothing
+    to prefer (only the EOS token that TRL appends to each would be trained)."""
+    if all(_is_empty(p["chosen"]) and _is_empty(p["rejected"]) for p in pairs):
+        implicit = "" if "prompt" in columns else " once the prompt (the start they share) is taken off"
+        raise DataError(f"--dataset {name!r}: no example has a non-empty completion: in all {len(pairs)} training "
+                        f"rows 'chosen' and 'rejected' are empty{implicit}")
 
 
 def _split_of(row, where: str):
@@ -224,8 +283,8 @@ def load_pairs(dataset, eval_fraction: float, seed: int, *, config=None, split="
     if held is not None:
         if not held:
             raise DataError(f"--dataset {name!r}: its eval split has no rows")
-        return explicit, [_explicit(r, w) for r, w in held]
-    if "split" in columns:
+        train_rows, eval_rows = explicit, [_explicit(r, w) for r, w in held]
+    elif "split" in columns:
         tags = [_split_of(r, w) for r, w in train]
         train_rows = [e for e, t in zip(explicit, tags) if t == "train"]
         eval_rows = [e for e, t in zip(explicit, tags) if t == "eval"]
@@ -233,12 +292,14 @@ def load_pairs(dataset, eval_fraction: float, seed: int, *, config=None, split="
             raise DataError(f"--dataset {name!r}: every row has an eval split value; no rows left to train on")
         if not eval_rows:
             raise DataError(f"--dataset {name!r}: its 'split' column marks no row eval/validation/test")
-        return train_rows, eval_rows
-    if len(explicit) < 2:
-        raise DataError(f"--dataset {name!r} has 1 row; at least 2 are needed (one is held out for eval)")
-    order = torch.randperm(len(explicit), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_eval = min(len(explicit) - 1, max(1, round(len(explicit) * eval_fraction)))
-    return [explicit[i] for i in order[n_eval:]], [explicit[i] for i in order[:n_eval]]
+    else:
+        if len(explicit) < 2:
+            raise DataError(f"--dataset {name!r} has 1 row; at least 2 are needed (one is held out for eval)")
+        order = torch.randperm(len(explicit), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_eval = min(len(explicit) - 1, max(1, round(len(explicit) * eval_fraction)))
+        train_rows, eval_rows = [explicit[i] for i in order[n_eval:]], [explicit[i] for i in order[:n_eval]]
+    _check_some_completion(train_rows, name, columns)
+    return train_rows, eval_rows
 
 
 # ------------------------------------------------------------------------------------------------ tokenize
@@ -293,7 +354,9 @@ def tokenize(pairs, tokenizer, max_length: int, name: str):
         if len(p) >= max_length:
             long_prompts.append(len(p))
             continue
-        if not c or not r:
+        # a sequence's first token is predicted from nothing: without a prompt token (no BOS) it is never scored
+        unscored = 0 if p else 1
+        if len(c) <= unscored or len(r) <= unscored:
             empty += 1
             continue
         same += c == r
@@ -305,7 +368,8 @@ def tokenize(pairs, tokenizer, max_length: int, name: str):
         warnings.warn(f"{name}: dropped {len(long_prompts)} of {n} examples whose prompt alone is at least "
                       f"max_length={max_length} tokens")
     if empty:
-        warnings.warn(f"{name}: dropped {empty} of {n} examples with an empty chosen or rejected completion")
+        warnings.warn(f"{name}: dropped {empty} of {n} examples with an empty chosen or rejected completion (or, "
+                      "with an empty prompt and no BOS token, a one-token one: nothing precedes it to score it)")
     if cut:
         warnings.warn(f"{name}: truncated the completions of {cut} of {n} examples to fit max_length={max_length}")
     if merged:

@@ -46,3 +46,17 @@ def trained_tokenizer(pairs, vocab_size: int, cache_dir: str):
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=path, **SPECIALS)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def check_resumable(tokenizer, checkpoint: str) -> None:
+    """--resume of a demo run: the tokenizer is trained on the data, so data that changed since the checkpoint gives
+    another vocabulary, and the checkpoint's embedding would not fit the model built for it. Refuse in one line."""
+    try:
+        with open(os.path.join(checkpoint, "config.json")) as f:
+            vocab = json.load(f)["vocab_size"]
+    except (OSError, ValueError, KeyError):
+        return          # a LoRA checkpoint (no embedding in it), or none: loading it says what is wrong
+    if vocab != len(tokenizer):
+        raise ValueError(f"--resume: the demo model's tokenizer is trained on --dataset's rows, and they changed since "
+                         f"{checkpoint!r} was written (a vocabulary of {len(tokenizer)} tokens now, {vocab} then); "
+                         "resume with the data the run started with, or start a new run")

@@ -44,8 +44,10 @@ def load_model(cfg: TrainConfig, train_pairs):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     if cfg.model is None:
-        from .tokenizer import trained_tokenizer
+        from .tokenizer import check_resumable, trained_tokenizer
         tokenizer = trained_tokenizer(train_pairs, vocab_size=1024, cache_dir=cache_dir(cfg))
+        if cfg.resume:
+            check_resumable(tokenizer, runs.resume_path(cfg))
         torch.manual_seed(cfg.seed)
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
