@@ -235,3 +235,20 @@ def test_cache_entries_are_listed_and_pruned_least_recently_used_first(tmp_path)
     open(os.path.join(cache, f"ref-logps-y.pt.tmp-{os.getpid()}"), "w").close()  # a live one's
     ref_cache.remove_partial(cache)
     assert sorted(n for n in os.listdir(cache) if ".tmp-" in n) == [f"ref-logps-y.pt.tmp-{os.getpid()}"]
+
+
+def test_fastdpo_cache_lists_and_prunes_the_reference_cache(tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    for i in range(2):
+        ref_cache.save(cache, f"{i}" * 64, torch.zeros(1000, 2, dtype=torch.float64),
+                       about={"model": f"m{i}", "split": "train"})
+        os.utime(ref_cache._path(cache, f"{i}" * 64), (1000 + i, 1000 + i))
+    assert cli.main(["cache", "list", "--cache-dir", cache]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "model m1, split train" in out[0] and "model m0, split train" in out[1]
+    assert out[-1].startswith("2 entries, ")
+    assert cli.main(["cache", "prune", "--cache-dir", cache]) == 2
+    assert "give --max-size and/or --older-than" in capsys.readouterr().err
+    assert cli.main(["cache", "prune", "--cache-dir", cache, "--max-size", "20K"]) == 0
+    assert capsys.readouterr().out.startswith("removed 1 entries; 1 left")
+    assert [e[3]["model"] for e in ref_cache.entries(cache)] == ["m1"]

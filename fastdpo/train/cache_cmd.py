@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import time
 
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "fastdpo")
@@ -68,7 +69,8 @@ def run(args) -> int:
         print(f"{len(found)} entries, {_human(sum(e[1] for e in found))} in {folder}")
         return 0
     if args.max_size is None and args.older_than is None:
-        raise ValueError("fastdpo cache prune: give --max-size and/or --older-than")
+        print("fastdpo cache prune: error: give --max-size and/or --older-than", file=sys.stderr)
+        return 2
     removed = ref_cache.prune(folder, max_bytes=args.max_size, older_than_days=args.older_than)
     left = ref_cache.entries(folder)
     print(f"removed {len(removed)} entries; {len(left)} left, {_human(sum(e[1] for e in left))} in {folder}")

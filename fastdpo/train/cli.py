@@ -12,6 +12,7 @@ import sys
 import warnings
 
 from .. import __version__
+from . import cache_cmd
 from .config import FIELDS, GROUPS, ConfigError, build, flag, kind_of
 
 EXIT_ERROR = 2
@@ -67,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         group = t.add_argument_group("other options")
         for name in rest:
             _add_option(group, name)
+    cache_cmd.add_parser(sub)
     return p
 
 
@@ -95,8 +97,11 @@ def _yaml_options(path: str) -> dict:
 
 
 def config_from_args(argv):
-    """(TrainConfig, the names the user set) from the command line."""
-    args = vars(_parser().parse_args(argv))
+    """(TrainConfig, the names the user set) from the command line of ``fastdpo train``."""
+    return _train_config(vars(_parser().parse_args(argv)))
+
+
+def _train_config(args: dict):
     args.pop("command")
     path = args.pop("config")
     options = _yaml_options(path) if path else {}
@@ -163,7 +168,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = _warning_line          # data warnings as one line each, not a source excerpt
     try:
-        cfg, _ = config_from_args(argv)             # --help and bad options end here, before torch is imported
+        args = _parser().parse_args(argv)           # --help and bad options end here, before torch is imported
+        if args.command == "cache":
+            return cache_cmd.run(args)
+        cfg, _ = _train_config(vars(args))
     except (ValueError, OSError) as e:
         return _error(e)
     from .trainer import Interrupted, train

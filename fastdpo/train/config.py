@@ -168,7 +168,7 @@ GROUPS = {
              ("dataset", "dataset_config", "dataset_split", "eval_dataset", "eval_fraction", "max_length")),
     "loss": ("the DPO loss, TRL's options of the same names",
              ("loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef",
-              "ld_alpha", "use_weighting")),
+              "ld_alpha", "use_weighting", "router_aux_loss_coef")),
     "training": ("optimizer, schedule and batches",
                  ("steps", "batch_size", "max_tokens", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule",
                   "max_grad_norm", "gradient_checkpointing", "disable_dropout", "seed")),
