@@ -270,3 +270,25 @@ def test_probe_of_an_unknown_class_with_lora_on_its_head():
     assert fastdpo.models.check_output_head(model)
     assert model.training
     compare_with_plain(model.eval(), *batch(), "probed PlainSubclass + LoRA on lm_head")
+
+
+@pytest.mark.parametrize("family", ["gemma2-softcap", "phi-bias", "gpt2-tied", "granite-scaling"])
+def test_the_readme_hidden_state_snippet_gives_the_model_level_loss(family):
+    """README's loop-level form (output_head + backbone_hidden + linear_dpo_loss) is the model-level op: softcap,
+    head bias, logit scaling and a backbone not at model.model included."""
+    import fastdpo
+    from families import batch, tiny
+    from fastdpo.loss import linear_dpo_loss
+    model = tiny(family)
+    ids, labels, mask = batch(B=4)
+    ref_c, ref_r = torch.tensor([-30.0, -25.0]), torch.tensor([-31.0, -26.0])
+    want, _ = fastdpo.model_dpo_loss(model, ids, labels, ref_c, ref_r, attention_mask=mask, beta=0.1)
+    head = fastdpo.output_head(model)
+    hidden = fastdpo.models.backbone_hidden(model, ids, mask)[:, :-1]
+    got, _ = linear_dpo_loss(head.extend(hidden), head.weight, labels[:, 1:], ref_c, ref_r, **head.options(),
+                             beta=0.1, loss_type="sigmoid")
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    if family != "gpt2-tied":           # a plain head (its backbone is model.transformer, not model.model)
+        naive, _ = linear_dpo_loss(hidden, model.get_output_embeddings().weight, labels[:, 1:], ref_c, ref_r,
+                                   beta=0.1)
+        assert abs(naive.item() - want.item()) > 1e-3      # the weight alone is another model
