@@ -2,6 +2,8 @@
 # One prepared GPU check, at most ~8 minutes on an H200: on a CUDA machine with PyTorch and Triton already
 # installed and no network, install fastdpo (and the peer wheels carried in ./wheels, a folder git ignores:
 # trl, liger-kernel, cut-cross-entropy), then, each step under its own time limit and all under one budget:
+#   0. bench/static_check.py     every default-path kernel specialization compiled for sm_80 and sm_90 with this
+#                                machine's Triton: no spills, shared memory within limits (no GPU time; ~1 min)
 #   1. bench/gpu_correctness.py  every path at full size against float64 (default, fused, vocab, tiles + vocab,
 #                                the one-pass linear_dpo_loss)
 #   2. bench/compare.py          peers side by side: llama3, gemma2, dpo-short, gpu-long, peaked (with and
@@ -49,6 +51,7 @@ if [ -d wheels ]; then
 fi
 python3 -m pip list 2>/dev/null | grep -iE "^(fastdpo|trl|liger-kernel|cut-cross-entropy|transformers) " | tee -a "$LOG"
 
+step "static check" 90 static_check.txt python3 bench/static_check.py --jobs "$(nproc)"
 step "correctness" 110 correctness.txt python3 bench/gpu_correctness.py
 : > "$OUT/results.md"
 compare() {  # compare SHAPE SECONDS REPEATS
@@ -71,6 +74,7 @@ fi
 
 say ""
 say "== summary"
+tail -n 1 "$OUT/static_check.txt" 2>/dev/null | tee -a "$LOG"
 grep -E "^FAIL|failure" "$OUT/correctness.txt" | tee -a "$LOG"
 grep -E "^\| |^\*\*|^- input softmax" "$OUT/results.md" | tee -a "$LOG"
 grep -E "^\||TFLOP" "$OUT/forward.txt" 2>/dev/null | tee -a "$LOG"
