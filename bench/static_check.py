@@ -315,14 +315,17 @@ def main(argv=None) -> int:
           f"{triton.__version__}, {args.jobs} jobs", flush=True)
     results = [None] * len(_TODO)
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-        for i, r in pool.imap_unordered(_compile, range(len(_TODO))):
+        for done, (i, r) in enumerate(pool.imap_unordered(_compile, range(len(_TODO))), 1):
             results[i] = r
+            if _problems(_TODO[i], r):            # as they come: a long sweep shows its findings early
+                print(f"FAIL {_TODO[i].fn.__name__} {_TODO[i].label} sm_{_TODO[i].cc}: "
+                      f"{', '.join(_problems(_TODO[i], r))} ({_sources(_TODO[i].sources)})", flush=True)
+            if done % 100 == 0:
+                print(f"{done}/{len(_TODO)} compiled, {time.time() - t0:.0f} s", flush=True)
     failures = 0
     rows = []
     for spec, r in zip(_TODO, results):
-        t = TARGETS[spec.cc]
-        problems = [r["error"]] if "error" in r else (
-            (["spills"] if r["spill"] else []) + (["shared memory"] if r["shared"] > t.shared else []))
+        problems = _problems(spec, r)
         failures += bool(problems)
         rows.append((spec.fn.__name__, spec.label, f"sm_{spec.cc}", str(r.get("regs", "-")), str(r.get("spill", "-")),
                      str(r.get("shared", "-")), "FAIL: " + ", ".join(problems) if problems else "ok",
@@ -334,6 +337,12 @@ def main(argv=None) -> int:
     print(f"\n{len(rows)} compiled in {time.time() - t0:.0f} s (Triton {triton.__version__}, "
           f"targets {', '.join(f'sm_{t.cc}' for t in targets)}): {failures} failing")
     return 1 if failures else 0
+
+
+def _problems(spec: Spec, r: dict) -> list:
+    if "error" in r:
+        return [r["error"]]
+    return (["spills"] if r["spill"] else []) + (["shared memory"] if r["shared"] > TARGETS[spec.cc].shared else [])
 
 
 def _sources(sources) -> str:
