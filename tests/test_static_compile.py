@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,3 +21,15 @@ def test_default_paths_compile_for_sm80_and_sm90_without_spills():
     summary = run.stdout.strip().splitlines()[-1:] or [run.stderr[-2000:]]
     assert run.returncode == 0, f"static check failed:\n{run.stdout[-6000:]}\n{run.stderr[-2000:]}"
     assert " 0 failing" in summary[0], summary
+
+
+def test_blocks_override_applies_to_16_bit_inputs_only(monkeypatch):
+    """FASTDPO_BLOCKS tunes the tensor-core (bf16/fp16) tiles; fp32 keeps its own, which the static check covers."""
+    from fastdpo.kernels.config import Blocks, linear_blocks
+    cpu = torch.device("cpu")
+    fp32 = {k: linear_blocks(torch.float32, cpu, k) for k in ("forward", "dlogits", "fused")}
+    monkeypatch.setenv("FASTDPO_BLOCKS", "64,64,32,4,2")
+    for kernel in ("forward", "dlogits", "fused"):
+        assert linear_blocks(torch.bfloat16, cpu, kernel) == Blocks(64, 64, 32, 4, 2)
+        assert linear_blocks(torch.float16, cpu, kernel) == Blocks(64, 64, 32, 4, 2)
+        assert linear_blocks(torch.float32, cpu, kernel) == fp32[kernel]
