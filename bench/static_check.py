@@ -198,22 +198,21 @@ def cases(full: bool):
                    lambda dh=dh, dw=dw, db=db, eps=eps, det=det: logps.logps_bwd(
                        h, w, b, rows, y, lse, g, need_dh=bool(dh), need_dw=bool(dw), need_db=bool(db),
                        filter_eps=eps, deterministic=det, **kw))
-        if bias:
-            continue
-        # sequence_logps_from_logits: the fold kernels on the model's logits [M, V]
-        x = meta(N + 5, V, dtype=dtype)
-        yield f"{name} logits", {}, lambda: (logits_logps.logits_logps_fwd(x, rows, y, **kw),
-                                             logits_logps.logits_logps_bwd(x, meta(N + 5, dtype=torch.int64),
-                                                                           meta(N + 5), meta(N + 5),
-                                                                           ignore_index=-100, **kw))
+        if not bias:
+            # sequence_logps_from_logits: the fold kernels on the model's logits [M, V]
+            x = meta(N + 5, V, dtype=dtype)
+            yield f"{name} logits", {}, lambda: (
+                logits_logps.logits_logps_fwd(x, rows, y, **kw),
+                logits_logps.logits_logps_bwd(x, meta(N + 5, dtype=torch.int64), meta(N + 5), meta(N + 5),
+                                              ignore_index=-100, **kw))
         if full and dtype != torch.float32:
             # the one-pass linear_dpo_loss: fp32 logits of a chunk of whole pairs, folded and differentiated
-            n = min(N, 2 * 768 * 2)                 # two dpo-short pairs
+            n = 2 * 768 - (N % 16)                  # two dpo-short pairs (768 scored tokens each), or not aligned
             xc = meta(n, V)
             yield f"{name} one-pass", {}, lambda: (
-                tiles.chunk_logits(h, w, None, rows[:n], y[:n], xc, **kw),
-                tiles.chunk_grads(xc, meta(n, D, dtype=dtype), w, None, y[:n], lse[:n], g[:n], dh=meta(n, D),
-                                  dw=meta(V, D), db=None, **kw))
+                tiles.chunk_logits(h, w, b, rows[:n], y[:n], xc, **kw),
+                tiles.chunk_grads(xc, meta(n, D, dtype=dtype), w, b, y[:n], lse[:n], g[:n], dh=meta(n, D),
+                                  dw=meta(V, D), db=meta(V) if bias else None, **kw))
     # the per-pair losses: every loss; every f-divergence where allowed; reference and lengths given or not
     combos = [("sigmoid", "reverse_kl", True, True)]
     if full:
@@ -242,15 +241,13 @@ def collect(full: bool, targets, blocks=(), only=""):
         for t in targets:
             driver.set_active(CompileOnlyDriver(t.cc))
             _SOURCE[1] = t.cc
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(_as_cuda(config, t))
+            with _as_cuda(config, t):
                 for extra in ({}, *({"FASTDPO_BLOCKS": b} for b in blocks)):
                     for label, switches, thunk in cases(full):
-                        if (extra and "bwd fused" in label) or not re.search(only, label):
-                            continue
-                        _SOURCE[0] = label + "".join(f" {k}={v}" for k, v in extra.items())
-                        with env(**{**{s: None for s in SWITCHES}, **switches, **extra}):
-                            thunk()
+                        if re.search(only, label):
+                            _SOURCE[0] = label + "".join(f" {k}={v}" for k, v in extra.items())
+                            with env(**{**{s: None for s in SWITCHES}, **switches, **extra}):
+                                thunk()
     finally:
         knobs.runtime.jit_cache_hook = None
         driver.set_active(None)      # back to the real one, found when next asked for
