@@ -8,7 +8,8 @@
 #                                the one-pass linear_dpo_loss)
 #   2. bench/compare.py          peers side by side: llama3, gemma2, dpo-short, gpu-long, peaked (with and
 #                                without gradient filtering, gradient error against float64)
-#   3. bench/gpu_tune.py         the forward alone, both designs (Triton kernel, cuBLAS tiles): share of torch.mm
+#   3. bench/gpu_tune.py         the forward alone, both designs (Triton kernel, cuBLAS tiles) and the Triton
+#                                kernel at its former tiles: share of torch.mm
 #   4. the CUDA test subset      the interpreter's kernel tests, compiled for real (whatever budget is left)
 # and print a compact summary. Each step's output: its own file under $OUT, and $OUT/gpu_check.log. A step
 # cut short by its limit keeps what it printed (compare.py prints each row as its method finishes).
@@ -66,8 +67,9 @@ compare gemma2 45 10
 compare dpo-short 60 10
 compare gpu-long 60 5
 compare peaked 55 5
-step "forward share" 25 forward.txt python3 bench/gpu_tune.py --shapes llama3,gemma2 --forward-only --no-profile \
-  --configs "default FASTDPO_FWD=tiles"
+# (128,256,64,8,3: the tiles before the static check's, the H200's fastest measured; the new default is unmeasured)
+step "forward share" 35 forward.txt python3 bench/gpu_tune.py --shapes llama3,gemma2 --forward-only --no-profile \
+  --configs "default FASTDPO_FWD=tiles FASTDPO_BLOCKS=128,256,64,8,3"
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")      # pytest-xdist where the machine has it
 step "cuda tests" 150 tests.txt env FASTDPO_TEST_CUDA=1 python3 -m pytest -q $XDIST -p no:cacheprovider \
   tests/test_logps.py tests/test_logits_logps.py tests/test_linear_loss.py -k "triton or new_paths or vocab"
