@@ -1,7 +1,7 @@
 """Every launch configuration in one place.
 
 Fixed configurations by default. ``FASTDPO_BLOCKS="BN,BV,BD,WARPS[,STAGES]"`` overrides
-the linear kernels' tiles for experiments (e.g. tuning on a new card), ``FASTDPO_SLICE_MB``
+the linear kernels' bf16/fp16 tiles for experiments (e.g. tuning on a new card), ``FASTDPO_SLICE_MB``
 the vocabulary backward's dL workspace. The paths themselves: ``FASTDPO_FWD``,
 ``FASTDPO_BWD`` and ``FASTDPO_ONE_PASS`` (below). The chunk schedules are pure
 functions of the sizes (``vocab_slices``, ``forward_tiles``), so that
@@ -40,15 +40,32 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def linear_blocks(dtype: torch.dtype) -> Blocks:
+# The linear kernels' fixed tiles on CUDA, per kernel ("forward": _logps_fwd_kernel, "dlogits":
+# _dlogits_kernel, "fused": _logps_bwd_kernel) and input width (16: bf16/fp16, 32: fp32). Each compiles
+# for sm_80 and sm_90 without a register spill, in at most 96 KiB of shared memory (sm_86/sm_89 have
+# 99 KiB): bench/static_check.py checks it. The 16-bit forward and dlogits tiles replaced 128,256,64,8,3
+# (H200's fastest of those tried, bench/RESULTS.md), which spilled on both targets; their speed is unmeasured.
+CUDA_BLOCKS = {
+    ("forward", 16): Blocks(128, 128, 64, 8, 3),
+    ("dlogits", 16): Blocks(128, 128, 64, 8, 3),
+    ("fused", 16): Blocks(64, 128, 64, 8, 3),
+    ("forward", 32): Blocks(64, 64, 32, 4),
+    ("dlogits", 32): Blocks(64, 64, 32, 4),
+    ("fused", 32): Blocks(32, 64, 32, 8),
+}
+KERNELS = ("forward", "dlogits", "fused")
+
+
+def linear_blocks(dtype: torch.dtype, device: torch.device, kernel: str) -> Blocks:
+    """The tiles of one of the linear kernels (KERNELS) for inputs of this dtype on this device.
+    ``FASTDPO_BLOCKS`` overrides those of bf16/fp16 inputs (the tensor-core paths it tunes); fp32 keeps its own."""
+    assert kernel in KERNELS, kernel
     override = os.environ.get("FASTDPO_BLOCKS")
-    if override:
+    if override and dtype != torch.float32:
         return _parse_blocks(override)
-    if INTERPRETING:
+    if multiprocessors(device) is None:                  # the interpreter
         return Blocks(16, 32, 16, 4)
-    if dtype == torch.float32:
-        return Blocks(64, 64, 32, 4)
-    return Blocks(128, 256, 64, 8, 3)       # H200, bench/gpu_tune.py: fastest of those tried (bench/RESULTS.md)
+    return CUDA_BLOCKS[kernel, 32 if dtype == torch.float32 else 16]
 
 
 # Forward programs aimed for, per multiprocessor: with few rows (short batches, long vocabularies)
@@ -56,11 +73,19 @@ def linear_blocks(dtype: torch.dtype) -> Blocks:
 FWD_PROGRAMS_PER_SM = 8
 
 
+def multiprocessors(device: torch.device):
+    """A CUDA device's multiprocessor count; None elsewhere and in the interpreter. (bench/static_check.py
+    replaces it to plan the launches for each target without a GPU.)"""
+    if INTERPRETING or device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def vocab_splits(n_blocks: int, v_blocks: int, device: torch.device) -> int:
     """How many vocabulary splits the forward uses (the interpreter: 2, to exercise the combine)."""
-    if INTERPRETING or device.type != "cuda":
+    sms = multiprocessors(device)
+    if sms is None:
         return min(2, v_blocks)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(v_blocks, -(-FWD_PROGRAMS_PER_SM * sms // n_blocks)))
 
 

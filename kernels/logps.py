@@ -238,7 +238,7 @@ def logps_fwd(h, w, bias, rows, y, *, scale=1.0, softcap=None, temperature=1.0):
         # (fp32 inputs keep the kernel: the backward's recompute then rounds its logits as the forward
         #  did, where cuBLAS's fp32 products would differ from it by more than fp32's tolerance)
         return tiles_fwd(h, w, bias, rows, y, scale=scale, softcap=softcap, temperature=temperature)
-    cfg = linear_blocks(h.dtype)
+    cfg = linear_blocks(h.dtype, h.device, "forward")
     n_blocks, v_blocks = triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V)
     splits = vocab_splits(n_blocks, v_blocks, h.device)
     tiles_per_split = triton.cdiv(v_blocks, splits)
@@ -280,7 +280,7 @@ def logps_bwd(h, w, bias, rows, y, lse, g, *, need_dh, need_dw, need_db, scale=1
     db = torch.zeros(V, **f32) if need_db else None
     if N == 0 or not (need_dh or need_dw or need_db):
         return dh, dw, db
-    cfg = linear_blocks(h.dtype)
+    cfg = linear_blocks(h.dtype, h.device, "fused" if mode == "fused" else "dlogits")
     common = dict(N=N, V=V, D=D, stride_h=h.stride(0), stride_w=w.stride(0), scale=float(scale),
                   softcap=float(softcap or 0.0), inv_temp=1.0 / temperature,
                   UPCAST=upcast_dot(h.dtype), DOT_PRECISION=dot_precision(h.dtype),

@@ -16,6 +16,27 @@ try:
 except ImportError:  # e.g. macOS: the chunked PyTorch path is still tested
     HAS_TRITON = False
 
+
+
+def cuda_compiler_missing():
+    """Why Triton cannot compile for CUDA on this machine (no CUDA backend, or its wheel's ptxas or
+    cuobjdump does not run), or None. No GPU is needed to compile."""
+    if not HAS_TRITON:
+        return "triton is not installed"
+    import subprocess
+    from triton.backends import backends
+    if "nvidia" not in backends:
+        return "Triton has no CUDA backend here"
+    from triton import knobs
+    for tool in ("ptxas", "cuobjdump"):
+        try:
+            subprocess.run([getattr(knobs.nvidia, tool).path, "--version"], check=True, capture_output=True,
+                           timeout=60)
+        except Exception as e:  # noqa: BLE001 (any failure: the tool cannot run here)
+            return f"{tool} from Triton's wheel does not run: {e}"
+    return None
+
+
 DEVICE = "cuda" if os.environ.get("FASTDPO_TEST_CUDA") == "1" else "cpu"
 
 # Allowed excess error of a fused path over the same-dtype reference, relative
@@ -33,10 +54,16 @@ DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "requires_triton: runs Triton kernels (interpreter or CUDA)")
+    config.addinivalue_line("markers", "requires_cuda_compiler: compiles with Triton's CUDA backend and ptxas")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Without Triton, skip what runs its kernels: the requires_triton tests and backend='triton' cases."""
+    """Without Triton, skip what runs its kernels: the requires_triton tests and backend='triton' cases;
+    without Triton's CUDA compiler, the requires_cuda_compiler tests."""
+    compiling = [item for item in items if "requires_cuda_compiler" in item.keywords]
+    why = cuda_compiler_missing() if compiling else None
+    for item in compiling if why else ():
+        item.add_marker(pytest.mark.skip(reason=why))
     if HAS_TRITON:
         return
     skip = pytest.mark.skip(reason="triton is not installed")
