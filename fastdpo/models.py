@@ -9,6 +9,7 @@ the lm_head go into the fused product. A head the table does not know raises ins
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Optional
@@ -135,6 +136,48 @@ def _fused_precision(device_type: str):
         yield
 
 
+def _head_owners(module) -> list:
+    """The modules whose own parameters the fused product reads (as ``_linear_parts`` walks the output layer): the
+    linear map and its LoRA B maps. Not the LoRA A maps: the fused head calls those itself."""
+    if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):       # peft ModulesToSaveWrapper
+        return _head_owners(module.original_module if module.disable_adapters
+                            else module.modules_to_save[module.active_adapter])
+    if hasattr(module, "base_layer") and hasattr(module, "lora_A"):                     # peft LoRA layer
+        owners = _head_owners(module.base_layer)
+        if not (module.disable_adapters or module.merged):
+            owners += [module.lora_B[name] for name in module.active_adapters if name in module.lora_A]
+        return owners
+    return [module]
+
+
+def head_call(model, hidden: torch.Tensor, fn):
+    """``fn(hidden)``, computed inside the forward of every module that owns a parameter of ``model``'s output head.
+
+    The one place that knows about distributed engines. DeepSpeed ZeRO-3 and FSDP gather a sharded parameter in the
+    pre-forward hook of the module that owns it, gather it again before that module's backward (hooks on its
+    outputs) and reduce its gradient after (hooks on its inputs). The fused head reads ``lm_head.weight`` without
+    calling ``lm_head``; run inside ``lm_head``'s own call (its ``forward`` swapped for ``fn`` for that call, the
+    hidden states as its input, ``fn``'s result as its output), the engine's hooks do for it what they do for the
+    plain head. Without an engine the call is a plain module call."""
+    owners = _head_owners(_base(model).get_output_embeddings())
+
+    def enter(i: int, h: torch.Tensor):
+        if i == len(owners):
+            return fn(h)
+        module = owners[i]
+        own = module.__dict__.get("forward")             # an instance-level forward (e.g. accelerate's hooks)
+        module.forward = lambda x: enter(i + 1, x)
+        try:
+            return module(h)
+        finally:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+
+    return enter(0, hidden)
+
+
 def _fused_inputs(model, hidden, labels):
     """(hidden [B, T, D'], weight, fused-op options, labels) from the backbone's hidden states [B, T, D], with the
     head's LoRA columns and autocast applied as ``F.linear`` would apply it to the lm_head."""
@@ -150,11 +193,21 @@ def _fused_inputs(model, hidden, labels):
     return hidden, weight, options, labels
 
 
+def _fused(model, hidden, labels, op):
+    """``op(hidden', weight, labels, **options)`` of the output head (``_fused_inputs``), inside ``head_call``."""
+    def run(h):
+        h, weight, options, y = _fused_inputs(model, h, labels)
+        with _fused_precision(h.device.type):
+            return op(h, weight, y, **options)
+    return head_call(model, hidden, run)
+
+
 def _head_inputs(model, input_ids, labels, attention_mask, position_ids):
-    """The fused op's inputs for a plain batch: labels shifted (hidden[:, t] predicts labels[:, t + 1])."""
+    """The backbone's hidden states and the labels of a plain batch, shifted (hidden[:, t] predicts
+    labels[:, t + 1])."""
     _check_ids(input_ids, labels, attention_mask, position_ids)
     hidden = backbone_hidden(model, input_ids, attention_mask, position_ids)[:, :-1]
-    return _fused_inputs(model, hidden, labels[:, 1:])
+    return hidden, labels[:, 1:]
 
 
 def model_sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, *,
@@ -167,9 +220,8 @@ def model_sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, *
     ``input_ids``, -100 where not scored, shifted inside (``labels[:, t]`` is predicted at position t - 1).
     Differentiable w.r.t. every parameter; PEFT-wrapped models included (LoRA on the lm_head too).
     """
-    hidden, weight, options, shifted = _head_inputs(model, input_ids, labels, attention_mask, position_ids)
-    with _fused_precision(hidden.device.type):
-        return sequence_logps(hidden, weight, shifted, average=average, backend=backend, **options)
+    hidden, shifted = _head_inputs(model, input_ids, labels, attention_mask, position_ids)
+    return _fused(model, hidden, shifted, functools.partial(sequence_logps, average=average, backend=backend))
 
 
 def model_dpo_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -179,10 +231,10 @@ def model_dpo_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
     """``linear_dpo_loss`` of a Hugging Face causal LM: input_ids/labels [2B, L] (the B chosen rows, then the B
     rejected rows; labels as in ``model_sequence_logps``) -> (loss, metrics) (and the policy's log-probs [2B]
     with ``return_logps=True``). Loss options as in ``fastdpo.loss.linear_dpo_loss``."""
-    hidden, weight, options, shifted = _head_inputs(model, input_ids, labels, attention_mask, position_ids)
-    with _fused_precision(hidden.device.type):
-        return linear_dpo_loss(hidden, weight, shifted, ref_chosen_logps, ref_rejected_logps, **options,
-                               **loss_options)
+    hidden, shifted = _head_inputs(model, input_ids, labels, attention_mask, position_ids)
+    return _fused(model, hidden, shifted, lambda h, w, y, **o: linear_dpo_loss(h, w, y, ref_chosen_logps,
+                                                                                ref_rejected_logps, **o,
+                                                                                **loss_options))
 
 
 # ------------------------------------------------------------------------------------------------ long-context layouts
@@ -260,8 +312,8 @@ def _cached_prompt_keys(cache, config) -> dict:
 
 
 def _pair_inputs(model, batch, attention: str):
-    """The fused op's inputs for a PackedBatch or CacheBatch: one backbone pass (two with the cache), the hidden
-    state predicting each target gathered into [2B, T, D] (chosen sequences first)."""
+    """The hidden state predicting each target of a PackedBatch or CacheBatch, gathered into [2B, T, D] (chosen
+    sequences first), and its labels: one backbone pass (two with the cache)."""
     base = _base(model)
     check_layout_support(base)
     rule = head_rule(base)
@@ -298,7 +350,7 @@ def _pair_inputs(model, batch, attention: str):
         flat = torch.cat([first.last_hidden_state.reshape(-1, D), second.last_hidden_state.reshape(-1, D)])
     else:
         raise TypeError(f"batch must be a fastdpo.layout PackedBatch or CacheBatch, got {type(batch).__name__}")
-    return _fused_inputs(model, flat[batch.index], batch.labels)
+    return flat[batch.index], batch.labels
 
 
 def model_pair_logps(model, batch, *, average: bool = False, backend: str = "auto",
@@ -310,15 +362,14 @@ def model_pair_logps(model, batch, *, average: bool = False, backend: str = "aut
     ``attention`` (a PackedBatch): "dense" hands the backbone the layout's [R, 1, L, L] mask; "span" runs sdpa over
     only the blocks it opens (``fastdpo._attention``; sdpa models, no gradient checkpointing); "auto": span where
     ``attends_by_span`` says so (the CPU), else dense. The same values either way, rounding apart."""
-    hidden, weight, options, labels = _pair_inputs(model, batch, attention)
-    with _fused_precision(hidden.device.type):
-        return sequence_logps(hidden, weight, labels, average=average, backend=backend, **options)
+    hidden, labels = _pair_inputs(model, batch, attention)
+    return _fused(model, hidden, labels, functools.partial(sequence_logps, average=average, backend=backend))
 
 
 def model_pair_dpo_loss(model, batch, ref_chosen_logps=None, ref_rejected_logps=None, *, attention: str = "auto",
                         **loss_options):
     """``model_dpo_loss`` for pairs laid out by ``fastdpo.layout`` (``attention``: see ``model_pair_logps``)."""
-    hidden, weight, options, labels = _pair_inputs(model, batch, attention)
-    with _fused_precision(hidden.device.type):
-        return linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, **options,
-                               **loss_options)
+    hidden, labels = _pair_inputs(model, batch, attention)
+    return _fused(model, hidden, labels, lambda h, w, y, **o: linear_dpo_loss(h, w, y, ref_chosen_logps,
+                                                                               ref_rejected_logps, **o,
+                                                                               **loss_options))

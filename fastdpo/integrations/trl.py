@@ -52,9 +52,6 @@ REFUSED = {
     "padding_free": "TRL 1.16 itself falls back to padding for it, and fastdpo's packed layout (fastdpo.layout) "
                     "is not wired into FastDPOTrainer",
     "torch_compile": "fastdpo's ops read scored-token counts on the host and are not verified under torch.compile",
-    "deepspeed": "fastdpo reads lm_head.weight outside the lm_head's call, which ZeRO-3 shards; not verified "
-                 "with DeepSpeed",
-    "fsdp": "fastdpo reads lm_head.weight outside the lm_head's call, which FSDP shards; not verified with FSDP",
 }
 
 
@@ -116,6 +113,8 @@ def _route_forward(model) -> None:
     The policy pass must go through ``model(...)``: accelerate wraps the forward of the model it prepares (DDP's
     gradient synchronization, mixed-precision autocast), and a call of the backbone and head from outside would
     miss those wrappers. TRL attaches its own fused head to the forward the same way."""
+    if vars(model).get("_fastdpo_routed"):
+        return
     original = model.forward
 
     @functools.wraps(original)
@@ -123,6 +122,7 @@ def _route_forward(model) -> None:
         return original(*args, **kwargs) if fastdpo is None else fastdpo(self)
 
     model.forward = types.MethodType(forward, model)
+    model._fastdpo_routed = True
 
 
 def _labels(inputs) -> torch.Tensor:
@@ -150,8 +150,6 @@ class FastDPOTrainer(DPOTrainer):
         self._fastdpo_options = _loss_options(self.args)
         output_head(self.model)
         _refuse_aux_loss(self.model, self.args)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(f"FastDPOTrainer: {REFUSED['deepspeed' if self.is_deepspeed_enabled else 'fsdp']}")
         _route_forward(self.model)
 
     __init__.__signature__ = _DPO_SIGNATURE
@@ -172,9 +170,11 @@ class FastDPOTrainer(DPOTrainer):
         if self.ref_model is None and is_peft_model(self.model):
             peft_model = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
+        _route_forward(self.accelerator.unwrap_model(model))   # a reference model (or engine) TRL prepared
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               adapter, self.accelerator.autocast()):
-            logps = self._sequence_logps(self.accelerator.unwrap_model(model), inputs)
+            # through the model's (engine's) forward: DeepSpeed's and FSDP's hooks gather the sharded parameters
+            logps = model(fastdpo=functools.partial(self._sequence_logps, inputs=inputs))
         return logps.chunk(2)
 
     def _compute_loss(self, model, inputs, return_outputs):
