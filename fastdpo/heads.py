@@ -141,9 +141,18 @@ HEADS = {
 }
 
 
+def model_class(lm) -> type:
+    """``lm``'s class; under FSDP2 the class ``fully_shard`` derived from it (FSDP<name>, bases FSDPModule and it)
+    stands for the model's own."""
+    cls = type(lm)
+    if cls.__module__.startswith("torch.distributed.fsdp"):
+        cls = next((b for b in cls.__bases__ if not b.__module__.startswith("torch.distributed.fsdp")), cls)
+    return cls
+
+
 def head_rule(lm) -> HeadRule:
     """The rule of ``lm``'s class, which must be transformers' own class of that name."""
-    cls = type(lm)
+    cls = model_class(lm)
     rule = HEADS.get(cls.__name__)
     if rule is None or not cls.__module__.startswith("transformers.models."):
         origin = "remote code" if not cls.__module__.startswith("transformers.") else "transformers"

@@ -18,7 +18,7 @@ import torch
 
 from . import _attention
 from ._attention import spans_attention
-from .heads import check_layout_support, head_rule
+from .heads import check_layout_support, head_rule, model_class
 from .layout import CacheBatch, PackedBatch, attention_masks
 from .logps import sequence_logps
 from .loss import linear_dpo_loss
@@ -69,7 +69,7 @@ def _linear_parts(module, where: str):
                 raise ValueError(f"{where}: the LoRA variant of adapter {name!r} on the output layer (DoRA and the "
                                  "like) is not a plain low-rank term; fastdpo cannot fuse it")
             a, b, s = module.lora_A[name], module.lora_B[name], module.scaling[name]
-            if type(a) is not torch.nn.Linear or type(b) is not torch.nn.Linear:
+            if model_class(a) is not torch.nn.Linear or model_class(b) is not torch.nn.Linear:
                 raise ValueError(f"{where}: LoRA adapter {name!r} on the output layer is not made of linear maps")
             lora = lora + ((a, module.lora_dropout[name], s),)
             extra_w.append(b.weight)
@@ -78,7 +78,7 @@ def _linear_parts(module, where: str):
         weight = torch.cat(extra_w, dim=1) if len(extra_w) > 1 else weight
         bias = None if not extra_b else (extra_b[0] if len(extra_b) == 1 else torch.stack(extra_b).sum(0))
         return weight, bias, lora
-    if type(module) is torch.nn.Linear:
+    if model_class(module) is torch.nn.Linear:           # (FSDP2: the FSDPLinear fully_shard made of it)
         return module.weight, module.bias, ()
     raise ValueError(f"{where}: the output layer is a {cls}, not a plain linear map; fastdpo cannot fuse it "
                      "(quantized and custom heads are not supported)")
