@@ -10,7 +10,9 @@ TRL 1.16's DPOTrainer computes log-probs in two methods; these are the two FastD
   and fused loss; the ``[tokens, vocab]`` logits never exist, prompt and padding positions are never scored),
   then TRL's metrics from the same log-probs.
 Datasets, tokenization, the collator, PEFT, the reference model and its precomputation, accelerate, optimizer,
-scheduler, logging and checkpoints stay TRL's own code. Not logged: ``entropy``, ``logits/chosen``,
+scheduler, logging and checkpoints stay TRL's own code. Both passes run through the model's (the engine's) forward
+and the fused head inside the lm_head's (``fastdpo.models.head_call``): DeepSpeed ZeRO-1/2/3 and FSDP2 gather and
+reduce its parameters as for TRL's own head. Not logged: ``entropy``, ``logits/chosen``,
 ``logits/rejected`` and ``mean_token_accuracy``, per-token statistics of the full-vocabulary distribution that
 the fused op does not form. Options FastDPOTrainer cannot honour raise a ValueError at construction (``REFUSED``,
 and the checks of ``_check_inputs``); fastdpo also refuses a few loss settings TRL only warns about (e.g.
@@ -47,8 +49,9 @@ NOT_MODEL_INPUTS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # DPOConfig (TrainingArguments) options refused when set, and why.
 REFUSED = {
-    "use_liger_kernel": "Liger's kernels patch the model's layers; fastdpo computes the head itself and is not "
-                        "verified with them",
+    "use_liger_kernel": "TRL 1.16 deprecates it (removed in TRL 2.0; TRL's replacement is the Hub kernels, "
+                        "model_init_kwargs={'use_kernels': True}), and Liger's kernels patch the model's layers, "
+                        "which fastdpo is not verified with",
     "padding_free": "TRL 1.16 itself falls back to padding for it, and fastdpo's packed layout (fastdpo.layout) "
                     "is not wired into FastDPOTrainer",
     "torch_compile": "fastdpo's ops read scored-token counts on the host and are not verified under torch.compile",
@@ -170,7 +173,7 @@ class FastDPOTrainer(DPOTrainer):
         if self.ref_model is None and is_peft_model(self.model):
             peft_model = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
-        _route_forward(self.accelerator.unwrap_model(model))   # a reference model (or engine) TRL prepared
+        _route_forward(self.accelerator.unwrap_model(model, keep_torch_compile=False))   # a model TRL prepared
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               adapter, self.accelerator.autocast()):
             # through the model's (engine's) forward: DeepSpeed's and FSDP's hooks gather the sharded parameters
