@@ -145,6 +145,15 @@ HEADS = {
 }
 
 
+def model_class(lm) -> type:
+    """``lm``'s class; under FSDP2 the class ``fully_shard`` derived from it (FSDP<name>, bases FSDPModule and it)
+    stands for the model's own."""
+    cls = type(lm)
+    if cls.__module__.startswith("torch.distributed.fsdp"):
+        cls = next((b for b in cls.__bases__ if not b.__module__.startswith("torch.distributed.fsdp")), cls)
+    return cls
+
+
 # Models of a class the table does not know, accepted one by one by fastdpo.models.check_output_head's probe
 # (their own logits against the fused path's, at load): model -> the rule the probe checked.
 _PROBED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -153,7 +162,7 @@ _PROBED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def known_rule(lm) -> Optional[HeadRule]:
     """The rule of ``lm``: its class's entry (transformers' own class of that name), or the one a probe accepted
     for this model; None when neither."""
-    cls = type(lm)
+    cls = model_class(lm)
     if cls.__module__.startswith("transformers.models.") and cls.__name__ in HEADS:
         return HEADS[cls.__name__]
     return _PROBED.get(lm)
@@ -172,7 +181,7 @@ def accept_probed(lm, rule: HeadRule) -> None:
 
 
 def unknown_head(lm, why: str) -> str:
-    cls = type(lm)
+    cls = model_class(lm)
     origin = "remote code" if not cls.__module__.startswith("transformers.") else "transformers"
     return (f"fastdpo does not know the output head of {cls.__name__} ({origin}, module {cls.__module__}) and {why}: "
             "its forward may scale, cap or otherwise change the logits, and a fused head that missed it would give "

@@ -9,6 +9,7 @@ the lm_head go into the fused product. A head the table does not know raises ins
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Optional
@@ -17,8 +18,8 @@ import torch
 
 from . import _attention
 from ._attention import spans_attention
-from .heads import (accept_probed, check_layout_support, head_rule, known_rule, probe_rule, router_experts,
-                    unknown_head)
+from .heads import (accept_probed, check_layout_support, head_rule, known_rule, model_class, probe_rule,
+                    router_experts, unknown_head)
 from .layout import CacheBatch, PackedBatch, attention_masks
 from .logps import sequence_logps
 from .loss import linear_dpo_loss
@@ -69,7 +70,7 @@ def _linear_parts(module, where: str):
                 raise ValueError(f"{where}: the LoRA variant of adapter {name!r} on the output layer (DoRA and the "
                                  "like) is not a plain low-rank term; fastdpo cannot fuse it")
             a, b, s = module.lora_A[name], module.lora_B[name], module.scaling[name]
-            if type(a) is not torch.nn.Linear or type(b) is not torch.nn.Linear:
+            if model_class(a) is not torch.nn.Linear or model_class(b) is not torch.nn.Linear:
                 raise ValueError(f"{where}: LoRA adapter {name!r} on the output layer is not made of linear maps")
             lora = lora + ((a, module.lora_dropout[name], s),)
             extra_w.append(b.weight)
@@ -78,7 +79,7 @@ def _linear_parts(module, where: str):
         weight = torch.cat(extra_w, dim=1) if len(extra_w) > 1 else weight
         bias = None if not extra_b else (extra_b[0] if len(extra_b) == 1 else torch.stack(extra_b).sum(0))
         return weight, bias, lora
-    if type(module) is torch.nn.Linear:
+    if model_class(module) is torch.nn.Linear:           # (FSDP2: the FSDPLinear fully_shard made of it)
         return module.weight, module.bias, ()
     raise ValueError(f"{where}: the output layer is a {cls}, not a plain linear map; fastdpo cannot fuse it "
                      "(quantized and custom heads are not supported)")
@@ -157,6 +158,48 @@ def _fused_precision(device_type: str):
         yield
 
 
+def _head_owners(module) -> list:
+    """The modules whose own parameters the fused product reads (as ``_linear_parts`` walks the output layer): the
+    linear map and its LoRA B maps. Not the LoRA A maps: the fused head calls those itself."""
+    if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):       # peft ModulesToSaveWrapper
+        return _head_owners(module.original_module if module.disable_adapters
+                            else module.modules_to_save[module.active_adapter])
+    if hasattr(module, "base_layer") and hasattr(module, "lora_A"):                     # peft LoRA layer
+        owners = _head_owners(module.base_layer)
+        if not (module.disable_adapters or module.merged):
+            owners += [module.lora_B[name] for name in module.active_adapters if name in module.lora_A]
+        return owners
+    return [module]
+
+
+def head_call(model, hidden: torch.Tensor, fn):
+    """``fn(hidden)``, computed inside the forward of every module that owns a parameter of ``model``'s output head.
+
+    The one place that knows about distributed engines. DeepSpeed ZeRO-3 and FSDP gather a sharded parameter in the
+    pre-forward hook of the module that owns it, gather it again before that module's backward (hooks on its
+    outputs) and reduce its gradient after (hooks on its inputs). The fused head reads ``lm_head.weight`` without
+    calling ``lm_head``; run inside ``lm_head``'s own call (its ``forward`` swapped for ``fn`` for that call, the
+    hidden states as its input, ``fn``'s result as its output), the engine's hooks do for it what they do for the
+    plain head. Without an engine the call is a plain module call."""
+    owners = _head_owners(_base(model).get_output_embeddings())
+
+    def enter(i: int, h: torch.Tensor):
+        if i == len(owners):
+            return fn(h)
+        module = owners[i]
+        own = module.__dict__.get("forward")             # an instance-level forward (e.g. accelerate's hooks)
+        module.forward = lambda x: enter(i + 1, x)
+        try:
+            return module(h)
+        finally:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+
+    return enter(0, hidden)
+
+
 def _fused_inputs(model, hidden, labels):
     """(hidden [B, T, D'], weight, fused-op options, labels) from the backbone's hidden states [B, T, D], with the
     head's LoRA columns and autocast applied as ``F.linear`` would apply it to the lm_head."""
@@ -172,14 +215,23 @@ def _fused_inputs(model, hidden, labels):
     return hidden, weight, options, labels
 
 
+def _fused(model, hidden, labels, op):
+    """``op(hidden', weight, labels, **options)`` of the output head (``_fused_inputs``), inside ``head_call``."""
+    def run(h):
+        h, weight, options, y = _fused_inputs(model, h, labels)
+        with _fused_precision(h.device.type):
+            return op(h, weight, y, **options)
+    return head_call(model, hidden, run)
+
+
 def _head_inputs(model, input_ids, labels, attention_mask, position_ids, router_logits=False):
-    """The fused op's inputs for a plain batch: labels shifted (hidden[:, t] predicts labels[:, t + 1]); with
-    ``router_logits``, the backbone's router logits too (a sixth item)."""
+    """The backbone's hidden states and the labels of a plain batch, shifted (hidden[:, t] predicts
+    labels[:, t + 1]); with ``router_logits``, the backbone's router logits too (a third item)."""
     _check_ids(input_ids, labels, attention_mask, position_ids)
     extra = dict(output_router_logits=True) if router_logits else {}
     out = _backbone_outputs(model, input_ids, attention_mask, position_ids, **extra)
-    inputs = _fused_inputs(model, _last_hidden(out)[:, :-1], labels[:, 1:])
-    return (*inputs, out.router_logits) if router_logits else inputs
+    hidden, shifted = _last_hidden(out)[:, :-1], labels[:, 1:]
+    return (hidden, shifted, out.router_logits) if router_logits else (hidden, shifted)
 
 
 def model_sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, *,
@@ -192,9 +244,8 @@ def model_sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, *
     ``input_ids``, -100 where not scored, shifted inside (``labels[:, t]`` is predicted at position t - 1).
     Differentiable w.r.t. every parameter; PEFT-wrapped models included (LoRA on the lm_head too).
     """
-    hidden, weight, options, shifted = _head_inputs(model, input_ids, labels, attention_mask, position_ids)
-    with _fused_precision(hidden.device.type):
-        return sequence_logps(hidden, weight, shifted, average=average, backend=backend, **options)
+    hidden, shifted = _head_inputs(model, input_ids, labels, attention_mask, position_ids)
+    return _fused(model, hidden, shifted, functools.partial(sequence_logps, average=average, backend=backend))
 
 
 def model_dpo_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -208,17 +259,15 @@ def model_dpo_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
     ``router_aux_loss_coef`` (an MoE model; resolve it with ``fastdpo.heads.router_aux_loss_coef`` as TRL does):
     non-zero adds that times the router's load-balancing loss (``router_aux_loss``, over the tokens
     ``attention_mask`` keeps) to the loss, as TRL's DPOTrainer does, and reports it as ``metrics["aux_loss"]``."""
+    def loss_of(h, w, y, **options):
+        return linear_dpo_loss(h, w, y, ref_chosen_logps, ref_rejected_logps, **options, **loss_options)
     if not router_aux_loss_coef:
-        hidden, weight, options, shifted = _head_inputs(model, input_ids, labels, attention_mask, position_ids)
-        with _fused_precision(hidden.device.type):
-            return linear_dpo_loss(hidden, weight, shifted, ref_chosen_logps, ref_rejected_logps, **options,
-                                   **loss_options)
-    hidden, weight, options, shifted, router_logits = _head_inputs(model, input_ids, labels, attention_mask,
-                                                                   position_ids, router_logits=True)
+        hidden, shifted = _head_inputs(model, input_ids, labels, attention_mask, position_ids)
+        return _fused(model, hidden, shifted, loss_of)
+    hidden, shifted, router_logits = _head_inputs(model, input_ids, labels, attention_mask, position_ids,
+                                                  router_logits=True)
     aux = router_aux_loss(model, router_logits, attention_mask)
-    with _fused_precision(hidden.device.type):
-        loss, metrics, *logps = linear_dpo_loss(hidden, weight, shifted, ref_chosen_logps, ref_rejected_logps,
-                                                **options, **loss_options)
+    loss, metrics, *logps = _fused(model, hidden, shifted, loss_of)
     return (loss + router_aux_loss_coef * aux, {**metrics, "aux_loss": aux.detach()}, *logps)
 
 
@@ -352,8 +401,8 @@ def _cached_prompt_keys(cache, config) -> dict:
 
 
 def _pair_inputs(model, batch, attention: str):
-    """The fused op's inputs for a PackedBatch or CacheBatch: one backbone pass (two with the cache), the hidden
-    state predicting each target gathered into [2B, T, D] (chosen sequences first)."""
+    """The hidden state predicting each target of a PackedBatch or CacheBatch, gathered into [2B, T, D] (chosen
+    sequences first), and its labels: one backbone pass (two with the cache)."""
     base = _base(model)
     check_layout_support(base)
     rule = head_rule(base)
@@ -390,7 +439,7 @@ def _pair_inputs(model, batch, attention: str):
         flat = torch.cat([first.last_hidden_state.reshape(-1, D), second.last_hidden_state.reshape(-1, D)])
     else:
         raise TypeError(f"batch must be a fastdpo.layout PackedBatch or CacheBatch, got {type(batch).__name__}")
-    return _fused_inputs(model, flat[batch.index], batch.labels)
+    return flat[batch.index], batch.labels
 
 
 def model_pair_logps(model, batch, *, average: bool = False, backend: str = "auto",
@@ -402,15 +451,14 @@ def model_pair_logps(model, batch, *, average: bool = False, backend: str = "aut
     ``attention`` (a PackedBatch): "dense" hands the backbone the layout's [R, 1, L, L] mask; "span" runs sdpa over
     only the blocks it opens (``fastdpo._attention``; sdpa models, no gradient checkpointing); "auto": span where
     ``attends_by_span`` says so (the CPU), else dense. The same values either way, rounding apart."""
-    hidden, weight, options, labels = _pair_inputs(model, batch, attention)
-    with _fused_precision(hidden.device.type):
-        return sequence_logps(hidden, weight, labels, average=average, backend=backend, **options)
+    hidden, labels = _pair_inputs(model, batch, attention)
+    return _fused(model, hidden, labels, functools.partial(sequence_logps, average=average, backend=backend))
 
 
 def model_pair_dpo_loss(model, batch, ref_chosen_logps=None, ref_rejected_logps=None, *, attention: str = "auto",
                         **loss_options):
     """``model_dpo_loss`` for pairs laid out by ``fastdpo.layout`` (``attention``: see ``model_pair_logps``)."""
-    hidden, weight, options, labels = _pair_inputs(model, batch, attention)
-    with _fused_precision(hidden.device.type):
-        return linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, **options,
-                               **loss_options)
+    hidden, labels = _pair_inputs(model, batch, attention)
+    return _fused(model, hidden, labels, lambda h, w, y, **o: linear_dpo_loss(h, w, y, ref_chosen_logps,
+                                                                               ref_rejected_logps, **o,
+                                                                               **loss_options))

@@ -55,6 +55,7 @@ DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16
 def pytest_configure(config):
     config.addinivalue_line("markers", "requires_triton: runs Triton kernels (interpreter or CUDA)")
     config.addinivalue_line("markers", "requires_cuda_compiler: compiles with Triton's CUDA backend and ptxas")
+    config.addinivalue_line("markers", "slow: multi-process launches (tens of seconds each); CI runs them")
 
 
 def pytest_collection_modifyitems(config, items):

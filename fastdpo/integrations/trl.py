@@ -14,7 +14,9 @@ The model (a name, loaded by TRL, or an instance) is checked once it exists: a c
 not know is probed (``fastdpo.models.check_output_head``) and accepted with a notice or refused. A ``ref_model``
 name, which TRL 1.16 does not take, is loaded as TRL loads the policy.
 Datasets, tokenization, the collator, PEFT, the reference model and its precomputation, accelerate, optimizer,
-scheduler, logging and checkpoints stay TRL's own code. Not logged: ``entropy``, ``logits/chosen``,
+scheduler, logging and checkpoints stay TRL's own code. Both passes run through the model's (the engine's) forward
+and the fused head inside the lm_head's (``fastdpo.models.head_call``): DeepSpeed ZeRO-1/2/3 and FSDP2 gather and
+reduce its parameters as for TRL's own head. Not logged: ``entropy``, ``logits/chosen``,
 ``logits/rejected`` and ``mean_token_accuracy``, per-token statistics of the full-vocabulary distribution that
 the fused op does not form. Options FastDPOTrainer cannot honour raise a ValueError at construction (``REFUSED``,
 ``use_liger_kernel`` in TRL's words, and the checks of ``_check_inputs`` and ``_check_loaded``); fastdpo also
@@ -58,9 +60,6 @@ REFUSED = {
     "padding_free": "TRL 1.16 itself falls back to padding for it, and fastdpo's packed layout (fastdpo.layout) "
                     "is not wired into FastDPOTrainer",
     "torch_compile": "fastdpo's ops read scored-token counts on the host and are not verified under torch.compile",
-    "deepspeed": "fastdpo reads lm_head.weight outside the lm_head's call, which ZeRO-3 shards; not verified "
-                 "with DeepSpeed",
-    "fsdp": "fastdpo reads lm_head.weight outside the lm_head's call, which FSDP shards; not verified with FSDP",
 }
 
 
@@ -155,6 +154,8 @@ def _route_forward(model) -> None:
     The policy pass must go through ``model(...)``: accelerate wraps the forward of the model it prepares (DDP's
     gradient synchronization, mixed-precision autocast), and a call of the backbone and head from outside would
     miss those wrappers. TRL attaches its own fused head to the forward the same way."""
+    if vars(model).get("_fastdpo_routed"):
+        return
     original = model.forward
 
     @functools.wraps(original)
@@ -162,6 +163,7 @@ def _route_forward(model) -> None:
         return original(*args, **kwargs) if fastdpo is None else fastdpo(self)
 
     model.forward = types.MethodType(forward, model)
+    model._fastdpo_routed = True
 
 
 def _labels(inputs) -> torch.Tensor:
@@ -209,8 +211,6 @@ class FastDPOTrainer(DPOTrainer):
         if is_peft_model(self.model):
             _refuse_prompt_learning(self.model.active_peft_config)
         _refuse_vision(self.processing_class, {})
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(f"FastDPOTrainer: {REFUSED['deepspeed' if self.is_deepspeed_enabled else 'fsdp']}")
         if coef:                                # the MoE load-balancing loss, with TRL's coefficient
             self._fastdpo_options = {**self._fastdpo_options, "router_aux_loss_coef": coef}
         self._fastdpo_checked = True
@@ -235,9 +235,11 @@ class FastDPOTrainer(DPOTrainer):
         if self.ref_model is None and is_peft_model(self.model):
             peft_model = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
+        _route_forward(self.accelerator.unwrap_model(model, keep_torch_compile=False))   # a model TRL prepared
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               adapter, self.accelerator.autocast()):
-            logps = self._sequence_logps(self.accelerator.unwrap_model(model), inputs)
+            # through the model's (engine's) forward: DeepSpeed's and FSDP's hooks gather the sharded parameters
+            logps = model(fastdpo=functools.partial(self._sequence_logps, inputs=inputs))
         return logps.chunk(2)
 
     def _compute_loss(self, model, inputs, return_outputs):
