@@ -41,10 +41,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 # The linear kernels' fixed tiles on CUDA, per kernel ("forward": _logps_fwd_kernel, "dlogits":
-# _dlogits_kernel, "fused": _logps_bwd_kernel) and input width (16: bf16/fp16, 32: fp32). Each compiles
-# for sm_80 and sm_90 without a register spill, in at most 96 KiB of shared memory (sm_86/sm_89 have
-# 99 KiB): bench/static_check.py checks it. The 16-bit forward and dlogits tiles replaced 128,256,64,8,3
-# (H200's fastest of those tried, bench/RESULTS.md), which spilled on both targets; their speed is unmeasured.
+# _dlogits_kernel, "fused": _logps_bwd_kernel) and input width (16: bf16/fp16, 32: fp32), in at most 96 KiB
+# of shared memory (sm_86/sm_89 have 99 KiB). bench/static_check.py compiles them for sm_80 and sm_90: the
+# default paths (forward, dlogits) without a register spill; the fused backward's are the best found, and
+# some of its specializations still spill (bench/RESULTS.md). The 16-bit forward and dlogits tiles replaced
+# 128,256,64,8,3 (the H200's fastest of those tried), which spilled on both targets; their speed is unmeasured.
 CUDA_BLOCKS = {
     ("forward", 16): Blocks(128, 128, 64, 8, 3),
     ("dlogits", 16): Blocks(128, 128, 64, 8, 3),
