@@ -4,7 +4,8 @@ Each engine is one launch (``torchrun --nproc-per-node 2`` of this file, gloo; D
 ``DS_ACCELERATOR=cpu``) that trains each of its cases twice, DPOTrainer then FastDPOTrainer, on the same tiny
 random Llama, data, seed and DPOConfig (fp32), and saves both models. Every step's logged loss, grad_norm and
 rewards/logps metric must agree within RTOL, and the saved weights within WEIGHT_RTOL of their scale (the measured
-agreement is printed under pytest -s). The three launches take about 3.5 minutes on 2 busy cores. The setup (tokenizer, data, model) is tests/test_trl_parity.py's.
+agreement is printed under pytest -s). The three launches take about 3.5 minutes on 2 busy cores. The setup
+(tokenizer, data, model) is tests/test_trl_parity.py's.
 """
 from __future__ import annotations
 
