@@ -3,8 +3,9 @@
 Each engine is one launch (``torchrun --nproc-per-node 2`` of this file, gloo; DeepSpeed with
 ``DS_ACCELERATOR=cpu``) that trains each of its cases twice, DPOTrainer then FastDPOTrainer, on the same tiny
 random Llama, data, seed and DPOConfig (fp32), and saves both models. Every step's logged loss, grad_norm and
-rewards/logps metric must agree within test_integration_trl.py's RTOL, and the saved weights within WEIGHT_RTOL
-of their scale. The setup (tokenizer, data, model) is tests/test_trl_parity.py's.
+rewards/logps metric must agree within RTOL, and the saved weights within WEIGHT_RTOL of their scale (the measured
+agreement is printed under pytest -s). The three launches take about 3.5 minutes on 2 busy cores. The setup
+(tokenizer, data, model) is tests/test_trl_parity.py's.
 """
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 STEPS, PAIRS_PER_STEP, NPROC = 2, 2, 2
-RTOL = 1e-4               # as tests/test_integration_trl.py: per step, fp32; never loosened per case
+# Measured (2026-12-06, this CPU): worst per-step relative difference 1.5e-6 (every engine), worst saved-weight
+# difference 4.6e-5 of the tensor's max |value| (AdamW at lr 1e-2 turns tiny gradient differences of near-zero
+# gradients into lr-sized steps). Never loosened per case.
+RTOL = 1e-5               # per step, fp32 (tests/test_integration_trl.py: 1e-4)
 WEIGHT_RTOL = 1e-4        # saved weights: max |difference| relative to the tensor's max |value|
 COMPARED = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
             "logps/chosen", "logps/rejected", "num_tokens")
@@ -45,7 +49,8 @@ def fsdp2(reshard: bool) -> dict:
 
 
 # engine -> its cases: (case id, options). Options: tied (tied embeddings), ref (a separate reference model),
-# lora (PEFT LoRA on q and v; the reference is the base), precompute, and the engine's config.
+# lora (PEFT LoRA on q and v; the reference is the base; TRL's constructor refuses LoRA on the lm_head), precompute,
+# and the engine's config.
 LAUNCHES = {
     "zero3": [("ref-tied", dict(tied=True, ref=True)),
               ("precompute", dict(precompute=True)),
@@ -112,7 +117,8 @@ def _train(cls, engine: str, case: dict, out: Path) -> list:
     from test_trl_parity import BETA, make_tokenizer
     from trl import DPOConfig
     _engine_state(engine)
-    args = DPOConfig(accelerator_config={"use_configured_state": True}, output_dir=str(out), report_to=[], bf16=False, fp16=False, gradient_checkpointing=False,
+    args = DPOConfig(accelerator_config={"use_configured_state": True}, output_dir=str(out), report_to=[],
+                     bf16=False, fp16=False, gradient_checkpointing=False,
                      per_device_train_batch_size=PAIRS_PER_STEP, max_steps=STEPS, learning_rate=1e-2,
                      logging_steps=1, save_strategy="no", beta=BETA, seed=0, disable_tqdm=True, ddp_backend="gloo",
                      precompute_ref_log_probs=case.get("precompute", False), **_engine_args(engine, case))
@@ -182,8 +188,12 @@ def _state(path: Path) -> dict:
     return state
 
 
+WORST = {"steps": 0.0, "weights": 0.0}      # the measured agreement, printed (pytest -s)
+
+
 def _assert_rel(got, want, what, scale=None):
     scale = abs(want) if scale is None else scale
+    WORST["steps"] = max(WORST["steps"], abs(got - want) / max(scale, 1e-30))
     assert abs(got - want) <= RTOL * scale, (
         f"{what}: FastDPOTrainer {got!r} vs DPOTrainer {want!r} (error {abs(got - want):.2e} relative to "
         f"{scale:.3g}: {abs(got - want) / max(scale, 1e-30):.2e} > {RTOL:g})")
@@ -220,7 +230,10 @@ def test_engine_matches_trl_dpo_trainer(engine, tmp_path):
             g = got_state[name]
             assert g.shape == w.shape and w.numel() > 0, f"{engine} {case_id} {name}: {g.shape} vs {w.shape}"
             err, scale = (g.double() - w.double()).abs().max().item(), w.double().abs().max().item()
-            assert err <= WEIGHT_RTOL * scale, f"{engine} {case_id} saved {name}: {err:.2e} > {WEIGHT_RTOL} * {scale:.3g}"
+            WORST["weights"] = max(WORST["weights"], err / scale)
+            assert err <= WEIGHT_RTOL * scale, (f"{engine} {case_id} saved {name}: {err:.2e} > {WEIGHT_RTOL} * "
+                                                f"{scale:.3g}")
+    print(f"\n{engine}: worst relative differences {WORST}")
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
