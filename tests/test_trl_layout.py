@@ -4,7 +4,8 @@ The layout is on by default for the verified classes: each step's logged loss, g
 num_tokens must agree with DPOTrainer's within the padded FastDPOTrainer tests' RTOL (fp32, CPU), for Llama
 (eager: the dense mask), Qwen2 with tied embeddings and Gemma2 with softcap and sliding window (sdpa: span
 attention), on standard, implicit-prompt and conversational data, with a precomputed reference and evaluation,
-LoRA, gradient checkpointing and TRL's max_length truncation (both modes). Every step must have run the layout.
+LoRA, gradient checkpointing, TRL's max_length truncation (both modes) and the prompt cache (long pairs' route). Every
+batch must have run the layout named.
 The setup and comparison are tests/test_integration_trl.py's.
 """
 import dataclasses
@@ -71,7 +72,7 @@ class Case:
     options: dict = dataclasses.field(default_factory=dict)
     eval: bool = False
     peft: bool = False
-    laid_out: bool = True         # False: every batch falls back to TRL's padded one
+    route: str = "PackedBatch"    # the layout every batch runs (dict: TRL's padded batch, the fallback)
 
 
 CASES = [Case(f"{m}-{d}", m, d) for m in MODELS for d in DATA]
@@ -82,9 +83,11 @@ CASES += [Case("llama-precompute+eval", options=dict(precompute_ref_log_probs=Tr
           Case("llama-max_length-keep_start", options=dict(max_length=6)),
           # keep_end cuts the prompt of a pair's longer sequence further: no shared prompt, TRL's padded batches
           Case("qwen2-max_length-keep_end", "qwen2-tied", options=dict(max_length=6, truncation_mode="keep_end"),
-               laid_out=False),
+               route="dict"),
           Case("gemma2-ld_alpha+use_weighting-ipo", "gemma2-softcap",
-               options=dict(loss_type="ipo", ld_alpha=0.3, use_weighting=True))]
+               options=dict(loss_type="ipo", ld_alpha=0.3, use_weighting=True)),
+          # pairs as if long (fastdpo.layout.prefers_prompt_cache): the prompt cache (eager, no checkpointing)
+          Case("llama-prompt_cache+eval", eval=True, route="CacheBatch")]
 
 
 def train(cls, case: Case, output_dir, calls=None):
@@ -103,16 +106,18 @@ def train(cls, case: Case, output_dir, calls=None):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_layout_steps_match_trl_dpo_trainer(case, tmp_path, monkeypatch):
-    laid_out = []                               # per training and evaluation batch: whether it ran the layout
+    if case.route == "CacheBatch":
+        monkeypatch.setattr(_trl_layout, "prefers_prompt_cache", lambda pairs: True)
+    routes = []                                 # per training and evaluation batch: the layout it ran
     count = _trl_layout.positions
     monkeypatch.setattr(_trl_layout, "positions",
-                        lambda inputs: laid_out.append(_trl_layout.is_layout_batch(inputs)) or count(inputs))
+                        lambda inputs: routes.append(type(inputs.get(_trl_layout.KEY, {})).__name__) or count(inputs))
     want = train(DPOTrainer, case, tmp_path / "trl")
     got = train(FastDPOTrainer, case, tmp_path / "fastdpo")
     entries = STEPS * (2 if case.eval else 1)
     assert_same_steps(got, want, case.id, entries)
     # every training step and evaluation batch ran the layout (max_length=6 cuts no reply to nothing here)
-    assert laid_out == [case.laid_out] * (STEPS + (STEPS * 2 if case.eval else 0)), laid_out
+    assert routes == [case.route] * (STEPS + (STEPS * 2 if case.eval else 0)), routes
 
 
 def test_padding_free_is_the_layout_and_pair_layout_false_pads(tmp_path):

@@ -47,9 +47,11 @@ def layout_unavailable(model, args, aux_loss: bool) -> Optional[str]:
     return None
 
 
-def resolve(model, args, device: torch.device) -> PairLayout:
-    span = device.type == "cpu" and span_unavailable(model, bool(args.gradient_checkpointing)) is None
-    return PairLayout(span=span, prompt_cache=not span and not args.gradient_checkpointing)
+def resolve(models, args, device: torch.device) -> PairLayout:
+    """The route for the policy and reference ``models``: span attention where both can take it."""
+    checkpointing = bool(args.gradient_checkpointing)
+    span = device.type == "cpu" and all(span_unavailable(m, checkpointing) is None for m in models)
+    return PairLayout(span=span, prompt_cache=not span and not checkpointing)
 
 
 def _truncate(ids: list, mask: list, max_length, mode: str):

@@ -251,7 +251,8 @@ class FastDPOTrainer(DPOTrainer):
         if why:
             raise ValueError(f"FastDPOTrainer: the pair layout (pair_layout=True or padding_free=True): {why}. "
                              "Use pair_layout=False")
-        layout = _trl_layout.resolve(self.model, self.args, self.args.device)
+        models = [self.model] + ([] if self.ref_model is None else [self.accelerator.unwrap_model(self.ref_model)])
+        layout = _trl_layout.resolve(models, self.args, self.args.device)
         self.data_collator = _trl_layout.PairCollator(self.data_collator, layout)
         self.padding_free = True
         return layout
