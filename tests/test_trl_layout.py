@@ -9,7 +9,12 @@ batch must have run the layout named.
 The setup and comparison are tests/test_integration_trl.py's.
 """
 import dataclasses
+import json
+import os
+import pathlib
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -162,3 +167,18 @@ def test_collator_counts_trl_tokens_and_falls_back_where_the_layout_cannot_hold(
         else:
             assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     assert 5 < laid_out < 40, laid_out
+
+
+def test_two_process_ddp_layout_matches_dpo_trainer(tmp_path):
+    """torchrun, 2 CPU processes (gloo), 1 pair per process per step: FastDPOTrainer with the layout (span attention)
+    logs DPOTrainer's steps under DDP (gradients all-reduced, metrics gathered across processes)."""
+    script = str(pathlib.Path(__file__).with_name("trl_ddp_run.py"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "histories.json"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          "29531", script, str(tmp_path), str(out)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    histories = json.loads(out.read_text())
+    assert_same_steps(histories["FastDPOTrainer"], histories["DPOTrainer"], "ddp", STEPS)
