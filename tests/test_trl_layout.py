@@ -126,12 +126,14 @@ def test_layout_steps_match_trl_dpo_trainer(case, tmp_path, monkeypatch):
 
 
 def test_padding_free_is_the_layout_and_pair_layout_false_pads(tmp_path):
-    """padding_free=True: the layout (no TRL fallback warning); pair_layout=False: TRL's padded batches."""
+    """padding_free=True: the layout; pair_layout=False (or compute_metrics, which takes logits): TRL's padded batches."""
     args = dict(ref_model=make_model(seed=1), train_dataset=make_dataset(), processing_class=make_tokenizer())
     on = FastDPOTrainer(model=make_model(seed=0), args=config(tmp_path, padding_free=True), **args)
     assert isinstance(on.data_collator, _trl_layout.PairCollator) and on.padding_free
     off = FastDPOTrainer(model=make_model(seed=0), args=config(tmp_path), pair_layout=False, **args)
     assert type(off.data_collator) is DataCollatorForPreference and not off.padding_free
+    metrics = FastDPOTrainer(model=make_model(seed=0), args=config(tmp_path), compute_metrics=lambda p: {}, **args)
+    assert type(metrics.data_collator) is DataCollatorForPreference      # compute_metrics takes padded logits
     with pytest.raises(ValueError, match="padding_free=True is the pair layout; it contradicts pair_layout=False"):
         FastDPOTrainer(model=make_model(seed=0), args=config(tmp_path, padding_free=True), pair_layout=False, **args)
     with pytest.raises(ValueError, match="pair_layout must be None"):

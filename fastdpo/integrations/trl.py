@@ -19,12 +19,13 @@ off): TRL's collator is wrapped so that each batch, truncated as TRL truncates i
 ``[prompt, chosen, rejected]`` per pair, packed without padding, and both methods above run
 ``fastdpo.model_pair_dpo_loss`` / ``model_pair_logps`` on it: each prompt runs once, the log-probs are the padded
 layout's. Logged besides TRL's metrics: ``fastdpo/positions``, the positions the backbone computed.
-Datasets, tokenization, the collator (wrapped, as above), PEFT, the reference model and its precomputation, accelerate, optimizer,
-scheduler, logging and checkpoints stay TRL's own code. Not logged: ``entropy``, ``logits/chosen``,
-``logits/rejected`` and ``mean_token_accuracy``, per-token statistics of the full-vocabulary distribution that
-the fused op does not form. Options FastDPOTrainer cannot honour raise a ValueError at construction (``REFUSED``,
-``use_liger_kernel`` in TRL's words, and the checks of ``_check_inputs`` and ``_check_loaded``); fastdpo also
-refuses a few loss settings TRL only warns about (e.g. ``label_smoothing`` where no chosen loss uses it).
+Datasets, tokenization, the collator (wrapped, as above), PEFT, the reference model and its precomputation,
+accelerate, optimizer, scheduler, logging and checkpoints stay TRL's own code. Not logged: ``entropy``,
+``logits/chosen``, ``logits/rejected`` and ``mean_token_accuracy``, per-token statistics of the full-vocabulary
+distribution that the fused op does not form. Options FastDPOTrainer cannot honour raise a ValueError at
+construction (``REFUSED``, ``use_liger_kernel`` in TRL's words, and the checks of ``_check_inputs`` and
+``_check_loaded``); fastdpo also refuses a few loss settings TRL only warns about (e.g. ``label_smoothing`` where no
+chosen loss uses it).
 """
 from __future__ import annotations
 
@@ -246,6 +247,8 @@ class FastDPOTrainer(DPOTrainer):
             why = _trl_layout.layout_unavailable(self.accelerator.unwrap_model(self.ref_model), self.args, False)
         if why is None and type(self.data_collator) is not DataCollatorForPreference:
             why = f"a data_collator of its own ({type(self.data_collator).__name__}) was given"
+        if why is None and self.compute_metrics is not None:
+            why = "compute_metrics takes the logits of TRL's padded batches"
         if self._fastdpo_layout_wanted is False or (why and self._fastdpo_layout_wanted is None):
             return None
         if why:
