@@ -34,8 +34,8 @@ class PairLayout:
     prompt_cache: bool      # the prompt cache allowed for long pairs
 
 
-def layout_unavailable(model, args, aux_loss: bool) -> Optional[str]:
-    """Why the pair layout cannot run for ``model`` under ``args`` (None: it can)."""
+def layout_unavailable(model, aux_loss: bool) -> Optional[str]:
+    """Why the pair layout cannot run for ``model`` (None: it can)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     impl = getattr(base.config, "_attn_implementation", None) or "eager"
     if not supports_layout(base):

@@ -242,9 +242,9 @@ class FastDPOTrainer(DPOTrainer):
 
     def _pair_layout(self, aux_loss: bool):
         """The pair layout (``_trl_layout``) where wanted and verified: TRL's collator wrapped; else None."""
-        why = _trl_layout.layout_unavailable(self.model, self.args, aux_loss)
+        why = _trl_layout.layout_unavailable(self.model, aux_loss)
         if why is None and self.ref_model is not None:
-            why = _trl_layout.layout_unavailable(self.accelerator.unwrap_model(self.ref_model), self.args, False)
+            why = _trl_layout.layout_unavailable(self.accelerator.unwrap_model(self.ref_model), False)
         if why is None and type(self.data_collator) is not DataCollatorForPreference:
             why = f"a data_collator of its own ({type(self.data_collator).__name__}) was given"
         if why is None and self.compute_metrics is not None:
