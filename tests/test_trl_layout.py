@@ -1,8 +1,8 @@
 """FastDPOTrainer on fastdpo's pair layout (shared prompt + packing) against TRL's own DPOTrainer (padded).
 
 The layout is on by default for the verified classes: each step's logged loss, grad_norm, rewards, log-probs and
-num_tokens must agree with DPOTrainer's within the padded FastDPOTrainer tests' RTOL (fp32, CPU), for Llama
-(eager: the dense mask), Qwen2 with tied embeddings and Gemma2 with softcap and sliding window (sdpa: span
+num_tokens must agree with DPOTrainer's within the padded FastDPOTrainer tests' RTOL (fp32, CPU), for Llama and
+Gemma2 with softcap and sliding window (eager: the dense mask) and Qwen2 with tied embeddings (sdpa: span
 attention), on standard, implicit-prompt and conversational data, with a precomputed reference and evaluation,
 LoRA, gradient checkpointing, TRL's max_length truncation (both modes) and the prompt cache (long pairs' route). Every
 batch must have run the layout named.
