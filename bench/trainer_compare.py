@@ -10,8 +10,9 @@ Methods (``--methods``): ``fastdpo`` (the `fastdpo train` defaults for the model
 resolved on, and on this CPU --span-attention), ``fastdpo_cache`` (the prompt through the key/value cache:
 share_prompt, no packing, prompt_cache), ``fastdpo_plain`` (no sharing, no packing: two padded rows per pair),
 ``trl`` (TRL's DPOTrainer with gradient checkpointing off and fp32, as fastdpo runs here), ``trl_fastdpo``
-(``fastdpo.integrations.trl.FastDPOTrainer``: TRL's DPOTrainer, same config, one class swapped) and, when asked
-for, ``fastdpo_mask`` (the shared and packed layout with its dense custom attention mask at every length:
+(``fastdpo.integrations.trl.FastDPOTrainer``: TRL's DPOTrainer, same config, one class swapped; its pair layout
+on, as by default) and, when asked for, ``trl_fastdpo_padded`` (FastDPOTrainer with ``pair_layout=False``: TRL's
+padded batches), ``fastdpo_mask`` (the shared and packed layout with its dense custom attention mask at every length:
 --no-span-attention --no-prompt-cache) and ``trl_gc`` (TRL's own default, gradient checkpointing on). All get the
 same randomly initialized Llama-architecture model (built from a config,
 no downloads), the same tokenizer (one whitespace word = one token, so both trainers see the same ids), the same
@@ -49,15 +50,17 @@ from compare import emit, peak_rss_kb, reset_peak_rss, rss_kb, version
 
 RESULT_TAG = "@@result "
 THREADS = 0                                 # --threads
-METHODS = ("fastdpo", "fastdpo_cache", "fastdpo_plain", "trl", "trl_fastdpo", "fastdpo_mask", "trl_gc")
+METHODS = ("fastdpo", "fastdpo_cache", "fastdpo_plain", "trl", "trl_fastdpo", "fastdpo_mask", "trl_gc",
+           "trl_fastdpo_padded")
 DEFAULT_METHODS = METHODS[:5]
 LAYOUTS = {"fastdpo": {}, "fastdpo_cache": dict(share_prompt=True, packing=False, prompt_cache=True),
            "fastdpo_plain": dict(share_prompt=False, packing=False),
            "fastdpo_mask": dict(share_prompt=True, packing=True, prompt_cache=False, span_attention=False)}
 LABEL = {"fastdpo": "fastdpo default", "fastdpo_cache": "fastdpo prompt-cache", "fastdpo_plain": "fastdpo plain",
-         "trl": "TRL DPOTrainer", "trl_fastdpo": "FastDPOTrainer (TRL + fastdpo)", "fastdpo_mask": "fastdpo shared+packed dense mask", "trl_gc": "TRL + grad. ckpt"}
+         "trl": "TRL DPOTrainer", "trl_fastdpo": "FastDPOTrainer (TRL + fastdpo)", "fastdpo_mask": "fastdpo shared+packed dense mask", "trl_gc": "TRL + grad. ckpt",
+         "trl_fastdpo_padded": "FastDPOTrainer, pair_layout=False"}
 STYLE = {"fastdpo": dict(marker="o", ms=9, mfc="none", lw=2.5), "fastdpo_cache": dict(marker="s", ls="--"),
-         "fastdpo_plain": dict(marker="^"), "trl": dict(marker="D"), "trl_fastdpo": dict(marker="P", ls="-."), "fastdpo_mask": dict(marker="v", ls=":"),
+         "fastdpo_plain": dict(marker="^"), "trl": dict(marker="D"), "trl_fastdpo": dict(marker="P", ls="-."), "fastdpo_mask": dict(marker="v", ls=":"), "trl_fastdpo_padded": dict(marker="X", ls="-."),
          "trl_gc": dict(marker="x", ls="--")}      # the default and the cache route coincide on long pairs
 # the model: Llama architecture, hidden 256 x 4 layers, vocabulary 32000
 D, LAYERS, FFN, HEADS, V, MAX_POS = 256, 4, 688, 4, 32000, 65536
@@ -193,8 +196,12 @@ def child_trl(method: str, spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    if method == "trl_fastdpo":
+    extra, positions = {}, lambda inputs: inputs["input_ids"].numel()
+    if method.startswith("trl_fastdpo"):
+        from fastdpo.integrations import _trl_layout
         from fastdpo.integrations.trl import FastDPOTrainer as DPOTrainer     # the one-line swap
+        extra = dict(pair_layout=False) if method == "trl_fastdpo_padded" else {}
+        positions = _trl_layout.positions
     with open(spec["data"]) as f:
         rows = [r for r in map(json.loads, f) if r["split"] == "train"]
     # fastdpo's first epoch, read in order (every mode here trains within one epoch, or on a single pair)
@@ -215,7 +222,7 @@ def child_trl(method: str, spec: dict) -> dict:
     class Counted(DPOTrainer):
         def compute_loss(self, model, inputs, *args, **kwargs):
             if model.training:
-                tokens.append(inputs["input_ids"].numel())
+                tokens.append(positions(inputs))
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
@@ -225,11 +232,12 @@ def child_trl(method: str, spec: dict) -> dict:
                      gradient_checkpointing=method == "trl_gc", save_strategy="no", eval_strategy="no",
                      train_sampling_strategy="sequential", seed=SEED, disable_tqdm=True, dataloader_num_workers=0)
     trainer = Counted(model=model, args=args, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(
-        spec["model"]), callbacks=[StepTimer()])
+        spec["model"]), callbacks=[StepTimer()], **extra)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return dict(times=times, cpu=cpu, tokens=tokens, losses=losses, **memory.result(),
-                layout="padded rows" + (", grad. ckpt" if method == "trl_gc" else ""))
+                layout="shared prompt, packed" if method == "trl_fastdpo" and trainer.padding_free else
+                "padded rows" + (", grad. ckpt" if method == "trl_gc" else ""))
 
 
 def child(method: str, spec_json: str) -> None:

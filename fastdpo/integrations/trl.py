@@ -13,14 +13,21 @@ TRL 1.16's DPOTrainer computes log-probs in two methods; these are the two FastD
 The model (a name, loaded by TRL, or an instance) is checked once it exists: a class fastdpo's head table does
 not know is probed (``fastdpo.models.check_output_head``) and accepted with a notice or refused. A ``ref_model``
 name, which TRL 1.16 does not take, is loaded as TRL loads the policy.
-Datasets, tokenization, the collator, PEFT, the reference model and its precomputation, accelerate, optimizer,
-scheduler, logging and checkpoints stay TRL's own code. Both passes run through the model's (the engine's) forward
-and the fused head inside the lm_head's (``fastdpo.models.head_call``): DeepSpeed ZeRO-1/2/3 and FSDP2 gather and
-reduce its parameters as for TRL's own head. Not logged: ``entropy``, ``logits/chosen``,
-``logits/rejected`` and ``mean_token_accuracy``, per-token statistics of the full-vocabulary distribution that
-the fused op does not form. Options FastDPOTrainer cannot honour raise a ValueError at construction (``REFUSED``,
-``use_liger_kernel`` in TRL's words, and the checks of ``_check_inputs`` and ``_check_loaded``); fastdpo also
-refuses a few loss settings TRL only warns about (e.g. ``label_smoothing`` where no chosen loss uses it).
+The pair layout (``fastdpo/integrations/_trl_layout.py``; on where ``fastdpo.heads.supports_layout`` verifies the
+class, as in ``fastdpo train``; ``padding_free=True`` asks for it, ``FastDPOTrainer(..., pair_layout=False)`` turns it
+off): TRL's collator is wrapped so that each batch, truncated as TRL truncates it, becomes one sequence
+``[prompt, chosen, rejected]`` per pair, packed without padding, and both methods above run
+``fastdpo.model_pair_dpo_loss`` / ``model_pair_logps`` on it: each prompt runs once, the log-probs are the padded
+layout's. Logged besides TRL's metrics: ``fastdpo/positions``, the positions the backbone computed.
+Datasets, tokenization, the collator (wrapped, as above), PEFT, the reference model and its precomputation,
+accelerate, optimizer, scheduler, logging and checkpoints stay TRL's own code. Both passes run through the
+model's (the engine's) forward and the fused head inside the lm_head's (``fastdpo.models.head_call``):
+DeepSpeed ZeRO-1/2/3 and FSDP2 gather and reduce its parameters as for TRL's own head. Not logged: ``entropy``,
+``logits/chosen``, ``logits/rejected`` and ``mean_token_accuracy``, per-token statistics of the full-vocabulary
+distribution that the fused op does not form. Options FastDPOTrainer cannot honour raise a ValueError at
+construction (``REFUSED``, ``use_liger_kernel`` in TRL's words, and the checks of ``_check_inputs`` and
+``_check_loaded``); fastdpo also refuses a few loss settings TRL only warns about (e.g. ``label_smoothing`` where no
+chosen loss uses it).
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import warnings
 
 try:
     from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
     from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 except ImportError as e:
@@ -47,6 +55,7 @@ from transformers import ProcessorMixin  # noqa: E402
 from ..heads import router_aux_loss_coef  # noqa: E402
 from ..loss import LOSS_DEFAULTS, make_params  # noqa: E402
 from ..models import check_output_head, model_dpo_loss, model_sequence_logps, output_head  # noqa: E402
+from . import _trl_layout  # noqa: E402
 
 _DPO_SIGNATURE = inspect.signature(DPOTrainer.__init__)
 # Keys of TRL's preference batches that are not model inputs; the model inputs fastdpo's forward takes.
@@ -57,8 +66,6 @@ LIGER_DEPRECATED = ("`use_liger_kernel=True` is deprecated and will be removed i
                     'with `model_init_kwargs={"use_kernels": True}`.')
 # DPOConfig (TrainingArguments) options refused when set, and why.
 REFUSED = {
-    "padding_free": "TRL 1.16 itself falls back to padding for it, and fastdpo's packed layout (fastdpo.layout) "
-                    "is not wired into FastDPOTrainer",
     "torch_compile": "not verified: under torch.compile fastdpo's ops break the graph where they read scored-token "
                      "counts on the host (Tensor.item); tried on the CPU with TRL 1.16, the first step equalled "
                      "DPOTrainer's, the second had not finished recompiling after 15 minutes",
@@ -168,6 +175,16 @@ def _route_forward(model) -> None:
     model._fastdpo_routed = True
 
 
+def _layout_wanted(pair_layout, padding_free):
+    """FastDPOTrainer's pair_layout keyword (None: where verified) with DPOConfig's padding_free (True: required)."""
+    if pair_layout not in (None, True, False):
+        raise ValueError(f"FastDPOTrainer: pair_layout must be None (on where verified), True or False, got "
+                         f"{pair_layout!r}")
+    if padding_free and pair_layout is False:
+        raise ValueError("FastDPOTrainer: padding_free=True is the pair layout; it contradicts pair_layout=False")
+    return True if padding_free else pair_layout
+
+
 def _labels(inputs) -> torch.Tensor:
     """TRL's labels: the completion tokens, -100 elsewhere (Hugging Face style, shifted inside fastdpo)."""
     return inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
@@ -180,7 +197,7 @@ class FastDPOTrainer(DPOTrainer):
 
     _tag_names = [*DPOTrainer._tag_names, "fastdpo"]
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, pair_layout=None, **kwargs):
         given = _DPO_SIGNATURE.bind(self, *args, **kwargs).arguments
         del given["self"]
         model = given.get("model")
@@ -195,11 +212,18 @@ class FastDPOTrainer(DPOTrainer):
         if isinstance(given.get("ref_model"), str):
             given["ref_model"] = _load_reference(given["ref_model"], config, given.get("quantization_config"))
         self._fastdpo_checked = False
-        super().__init__(**given)
+        self._fastdpo_layout_wanted = _layout_wanted(pair_layout, config.padding_free)
+        padding_free, config.padding_free = config.padding_free, False      # not TRL's fallback warning
+        try:
+            super().__init__(**given)
+        finally:
+            config.padding_free = padding_free
         self._check_loaded()                    # a model given by name: checked here (or before the precompute)
         _route_forward(self.model)
 
-    __init__.__signature__ = _DPO_SIGNATURE
+    __init__.__signature__ = _DPO_SIGNATURE.replace(parameters=[
+        *_DPO_SIGNATURE.parameters.values(),
+        inspect.Parameter("pair_layout", inspect.Parameter.KEYWORD_ONLY, default=None)])
 
     def _check_loaded(self) -> None:
         """The checks on what TRL's constructor loaded or made (a model by name, its processor, PEFT, the default
@@ -215,7 +239,28 @@ class FastDPOTrainer(DPOTrainer):
         _refuse_vision(self.processing_class, {})
         if coef:                                # the MoE load-balancing loss, with TRL's coefficient
             self._fastdpo_options = {**self._fastdpo_options, "router_aux_loss_coef": coef}
+        self._fastdpo_layout = self._pair_layout(bool(coef))
         self._fastdpo_checked = True
+
+    def _pair_layout(self, aux_loss: bool):
+        """The pair layout (``_trl_layout``) where wanted and verified: TRL's collator wrapped; else None."""
+        why = _trl_layout.layout_unavailable(self.model, aux_loss)
+        if why is None and self.ref_model is not None:
+            why = _trl_layout.layout_unavailable(self.accelerator.unwrap_model(self.ref_model), False)
+        if why is None and type(self.data_collator) is not DataCollatorForPreference:
+            why = f"a data_collator of its own ({type(self.data_collator).__name__}) was given"
+        if why is None and self.compute_metrics is not None:
+            why = "compute_metrics takes the logits of TRL's padded batches"
+        if self._fastdpo_layout_wanted is False or (why and self._fastdpo_layout_wanted is None):
+            return None
+        if why:
+            raise ValueError(f"FastDPOTrainer: the pair layout (pair_layout=True or padding_free=True): {why}. "
+                             "Use pair_layout=False")
+        models = [self.model] + ([] if self.ref_model is None else [self.accelerator.unwrap_model(self.ref_model)])
+        layout = _trl_layout.resolve(models, self.args, self.args.device)
+        self.data_collator = _trl_layout.PairCollator(self.data_collator, layout)
+        self.padding_free = True
+        return layout
 
     def _precompute_ref_logps(self, *args, **kwargs):
         self._check_loaded()
@@ -223,6 +268,8 @@ class FastDPOTrainer(DPOTrainer):
 
     def _sequence_logps(self, model, inputs) -> torch.Tensor:
         """[2B] log-probs of a TRL batch (LD-DPO-weighted under ld_alpha, as TRL's)."""
+        if _trl_layout.is_layout_batch(inputs):
+            return _trl_layout.pair_logps(model, inputs, self._fastdpo_layout, self.ld_alpha)
         kwargs = {k: inputs[k] for k in MODEL_INPUTS[1:] if k in inputs}
         if self.ld_alpha is None:
             return model_sequence_logps(model, inputs["input_ids"], _labels(inputs), **kwargs)
@@ -248,7 +295,11 @@ class FastDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
         extra = sorted(set(model_inputs) - set(MODEL_INPUTS))
-        if extra:
+        layout = _trl_layout.is_layout_batch(inputs)
+        if layout and return_outputs:
+            raise ValueError("FastDPOTrainer: return_outputs=True (the logits for compute_metrics) needs TRL's padded "
+                             "batches: pass pair_layout=False")
+        if extra and not layout:
             raise ValueError(f"FastDPOTrainer: the batch has model inputs {extra}; fastdpo's forward takes "
                              f"{list(MODEL_INPUTS)} only")
         if self.precompute_ref_logps:
@@ -259,6 +310,9 @@ class FastDPOTrainer(DPOTrainer):
         options = {k: v for k, v in model_inputs.items() if k != "input_ids"} | self._fastdpo_options
 
         def policy(unwrapped):
+            if layout:
+                return _trl_layout.pair_dpo_loss(unwrapped, inputs, self._fastdpo_layout, ref_chosen, ref_rejected,
+                                                 return_logps=True, **self._fastdpo_options)
             return model_dpo_loss(unwrapped, inputs["input_ids"], _labels(inputs), ref_chosen, ref_rejected,
                                   return_logps=True, **options)
 
@@ -278,9 +332,11 @@ class FastDPOTrainer(DPOTrainer):
     def _log_batch_metrics(self, mode, inputs, logps, ref_chosen, ref_rejected) -> None:
         """TRL's metrics of one batch, gathered across processes as TRL gathers them."""
         if mode == "train":
-            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            tokens = self.accelerator.gather_for_metrics(_trl_layout.num_tokens(inputs)).sum().item()
             self._total_train_tokens += tokens // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        positions = torch.tensor(_trl_layout.positions(inputs), device=self.accelerator.device)
+        self._metrics[mode][_trl_layout.POSITIONS].append(self.accelerator.gather(positions).sum().item())
         chosen, rejected = logps.chunk(2)
         chosen_rewards, rejected_rewards = self.beta * (chosen - ref_chosen), self.beta * (rejected - ref_rejected)
         values = {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
