@@ -253,6 +253,17 @@ def _block_mask(batch: PackedBatch, window):
     return create_block_mask(mask_mod, R, None, L, L, device=seq.device)
 
 
+def mask_unavailable(impl: str, device_type: str) -> Optional[str]:
+    """Why attention ``impl`` cannot take the layout's masks on ``device_type`` (None: it can)."""
+    if impl not in ("eager", "sdpa", "flex_attention"):
+        return f"its attention ({impl}) takes no custom mask"
+    if impl == "flex_attention" and device_type == "cpu":
+        # measured: torch 2.13's CPU FlexAttention gave NaN for some real tokens in 2-8 of 16 identical forwards of
+        # a tiny Llama's packed batch (tests/test_layout.py); a wrong answer is worse than none
+        return "FlexAttention on the CPU returns NaN for some tokens in some runs (torch 2.13); use sdpa or eager"
+    return None
+
+
 def attention_masks(batch, config, dtype: torch.dtype, cached=None, with_spans: bool = False):
     """The mask argument a Hugging Face backbone takes for ``batch``: one 4D mask, or {layer type: mask} for
     models with ``config.layer_types``; additive in ``dtype`` for eager and sdpa, a BlockMask for flex_attention.
@@ -263,9 +274,11 @@ def attention_masks(batch, config, dtype: torch.dtype, cached=None, with_spans: 
     impl = getattr(config, "_attn_implementation", None) or "eager"
     if isinstance(batch, CacheBatch) and impl == "flex_attention":
         raise ValueError("the prompt-cache reply mask is built for eager and sdpa attention")
-    if impl not in ("eager", "sdpa", "flex_attention"):
+    device = (batch.input_ids if isinstance(batch, PackedBatch) else batch.reply_ids).device
+    why = mask_unavailable(impl, device.type)
+    if why is not None:
         raise ValueError(f"the packed/shared layout needs attention that takes a custom mask (eager, sdpa or "
-                         f"flex_attention); this model runs {impl!r}")
+                         f"flex_attention on a GPU): {why}")
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
 

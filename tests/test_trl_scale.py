@@ -53,6 +53,7 @@ def fsdp2(reshard: bool) -> dict:
 # and the engine's config.
 LAUNCHES = {
     "zero3": [("ref-tied", dict(tied=True, ref=True)),
+              ("pair_layout-ref", dict(ref=True, layout=True)),
               ("precompute", dict(precompute=True)),
               ("lora", dict(lora=True))],
     "zero2": [("ref", dict(ref=True)),
@@ -126,7 +127,9 @@ def _train(cls, engine: str, case: dict, out: Path) -> list:
     if case.get("lora"):
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                           bias="none", task_type="CAUSAL_LM", init_lora_weights=False)
-    trainer = cls(model=_model(0, case.get("tied", False)),
+    # the padded batches (TRL's) unless the case asks for fastdpo's pair layout (FastDPOTrainer's default)
+    layout = dict(pair_layout=case.get("layout", False)) if cls.__name__ == "FastDPOTrainer" else {}
+    trainer = cls(**layout, model=_model(0, case.get("tied", False)),
                   ref_model=_model(1, case.get("tied", False)) if case.get("ref") else None, args=args,
                   train_dataset=_dataset(out.parent.parent), processing_class=make_tokenizer(),
                   peft_config=lora)
@@ -223,6 +226,11 @@ def test_engine_matches_trl_dpo_trainer(engine, tmp_path):
                                                           abs(w["rewards/rejected"])))
                 else:
                     _assert_rel(g[key], w[key], what)
+        if dict(LAUNCHES[engine])[case_id].get("layout"):
+            # the pair layout sums in another order: its gradients differ from the padded ones by ~1e-6 relative,
+            # which AdamW's normalisation turns into lr-sized steps on near-zero gradients (measured 1.5e-5 of a
+            # tensor's scale after 2 steps at lr 1e-2): its steps are compared above, not its weights
+            continue
         want_state = _state(tmp_path / case_id / "trl" / "saved")
         got_state = _state(tmp_path / case_id / "fastdpo" / "saved")
         assert set(got_state) == set(want_state), f"{engine} {case_id}: saved keys differ"

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..heads import supports_layout
-from ..layout import pack_pairs, prefers_prompt_cache, prompt_cache_batch
+from ..layout import mask_unavailable, pack_pairs, prefers_prompt_cache, prompt_cache_batch
 from ..models import model_pair_dpo_loss, model_pair_logps, span_unavailable
 
 KEY = "fastdpo_pairs"           # the batch key holding a PackedBatch or CacheBatch
@@ -42,9 +42,7 @@ def layout_unavailable(model, aux_loss: bool) -> Optional[str]:
         return f"{type(base).__name__} is not among the classes verified for it (fastdpo.heads.LAYOUT_CLASSES)"
     if aux_loss:
         return "the MoE load-balancing loss (router_aux_loss_coef) is TRL's over the padded pairs"
-    if impl not in ("eager", "sdpa", "flex_attention"):
-        return f"its attention ({impl}) takes no custom mask"
-    return None
+    return mask_unavailable(impl, "cuda" if torch.cuda.is_available() else "cpu")    # where TRL will run it
 
 
 def resolve(models, args, device: torch.device) -> PairLayout:

@@ -22,7 +22,7 @@ import torch
 
 from .. import __version__
 from ..heads import router_aux_loss_coef, supports_layout
-from ..layout import pack_pairs, prefers_prompt_cache, prompt_cache_batch
+from ..layout import mask_unavailable, pack_pairs, prefers_prompt_cache, prompt_cache_batch
 from ..models import check_output_head, model_dpo_loss, model_pair_dpo_loss, output_head, span_unavailable
 from . import prefs, ref_cache, runs
 from .cache_cmd import DEFAULT_DIR
@@ -179,8 +179,8 @@ def resolve_layout(cfg: TrainConfig, model, device: torch.device) -> None:
     reason = None if supported else f"{type(base).__name__} is not among the classes verified for it"
     if reason is None and cfg.router_aux_loss_coef:
         reason = "the MoE load-balancing loss (--router-aux-loss-coef) is TRL's over the padded pairs"
-    if reason is None and impl not in ("eager", "sdpa", "flex_attention"):
-        reason = f"its attention ({impl}) takes no custom mask"
+    if reason is None:
+        reason = mask_unavailable(impl, device.type)
     for name in ("share_prompt", "packing"):
         if getattr(cfg, name) is None:
             setattr(cfg, name, reason is None)
