@@ -92,11 +92,11 @@ def test_kill_9_in_a_checkpoint_write_leaves_the_last_checkpoint_and_the_next_st
     proc = subprocess.Popen([sys.executable, "-c", KILLED_IN_A_WRITE, "train", "--output-dir", str(tmp_path / "run"),
                              *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
-        line = proc.stdout.readline()
-        assert line.strip() == "IN-WRITE", proc.stderr.read()[-2000:]
+        reached = any(line.strip() == "IN-WRITE" for line in proc.stdout)   # other libraries may print first
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    assert reached, proc.stderr.read()[-2000:]
     left = sorted(os.listdir(tmp_path / "run"))
     assert any(runs.TEMPORARY.search(name) for name in left), left          # the killed write's partial checkpoint
     assert not any(name.startswith("checkpoint-") for name in left), left     # never under its final name
