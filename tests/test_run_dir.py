@@ -161,7 +161,9 @@ def test_resume_of_the_demo_model_after_the_data_changed_is_one_line(tmp_path, c
     assert run(tmp_path, capsys, "--dataset", data, "--steps", "1", "--save-every", "1")[0] == 0
     write_jsonl(tmp_path / "d.jsonl", [{**r, "prompt": "Quick: " + r["prompt"]} for r in ROWS])
     code, err = run(tmp_path, capsys, "--dataset", data, "--steps", "2", "--resume")
-    assert code == cli.EXIT_ERROR and len(err) == 1 and "the training data (--dataset)" in err[0], err
+    # the demo's tokenizer is trained on the rows: its vocabulary check or the data key, whichever sees it first
+    assert code == cli.EXIT_ERROR and len(err) == 1 and err[0].startswith("fastdpo train: error: --resume: "), err
+    assert "--dataset" in err[0] and "changed since" in err[0], err
 
 
 @pytest.fixture
