@@ -149,12 +149,13 @@ def test_unverified_class_pads_by_default_and_refuses_pair_layout_true(tmp_path)
                        pair_layout=True, **args)
 
 
-@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
-def test_collator_counts_trl_tokens_and_falls_back_where_the_layout_cannot_hold(mode):
-    """num_tokens equals TRL's attention-mask sum under max_length; a pair truncated to an empty reply (keep_start)
-    or to different prompts (keep_end) makes the batch TRL's padded one."""
+@pytest.mark.parametrize("mode,multiple", [("keep_start", None), ("keep_end", None), ("keep_start", 8)])
+def test_collator_counts_trl_tokens_and_falls_back_where_the_layout_cannot_hold(mode, multiple):
+    """num_tokens equals TRL's attention-mask sum under max_length, and the padded count its input_ids' numel; a
+    pair truncated to an empty reply (keep_start) or to different prompts (keep_end) makes the batch TRL's padded
+    one."""
     rng = random.Random(0)
-    trl = DataCollatorForPreference(pad_token_id=0, max_length=9, truncation_mode=mode)
+    trl = DataCollatorForPreference(pad_token_id=0, max_length=9, truncation_mode=mode, pad_to_multiple_of=multiple)
     collate = _trl_layout.PairCollator(trl, _trl_layout.PairLayout(span=True, prompt_cache=False))
     laid_out = 0
     for _ in range(40):
@@ -164,11 +165,27 @@ def test_collator_counts_trl_tokens_and_falls_back_where_the_layout_cannot_hold(
         if _trl_layout.is_layout_batch(got):
             laid_out += 1
             assert got["num_tokens"].item() == want["attention_mask"].sum().item()
+            assert got[_trl_layout.PADDED].item() == want["input_ids"].numel()
             # scored: TRL's completion tokens but a sequence's first (nothing predicts it)
             assert (got[_trl_layout.KEY].labels != -100).sum() == want["completion_mask"][:, 1:].sum()
         else:
             assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     assert 5 < laid_out < 40, laid_out
+
+
+@pytest.mark.parametrize("mode", ["all", "non_padding"])
+def test_num_input_tokens_seen_counts_what_dpo_trainer_counts(mode, tmp_path):
+    """include_num_input_tokens_seen: transformers looks for input_ids, which a layout batch has none of; the count
+    is TRL's padded batch's all the same (all positions, or the non-padding ones)."""
+    seen = {}
+    for cls in (DPOTrainer, FastDPOTrainer):
+        trainer = cls(model=make_model(seed=0), ref_model=make_model(seed=1), train_dataset=make_dataset(),
+                      args=config(tmp_path / cls.__name__, include_num_input_tokens_seen=mode),
+                      processing_class=make_tokenizer())
+        trainer.train()
+        seen[cls] = trainer.state.num_input_tokens_seen
+    assert isinstance(trainer.data_collator, _trl_layout.PairCollator)
+    assert seen[FastDPOTrainer] == seen[DPOTrainer] > 0, seen
 
 
 def test_two_process_ddp_layout_matches_dpo_trainer(tmp_path):

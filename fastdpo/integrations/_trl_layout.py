@@ -26,6 +26,7 @@ from ..models import model_pair_dpo_loss, model_pair_logps, span_unavailable
 
 KEY = "fastdpo_pairs"           # the batch key holding a PackedBatch or CacheBatch
 POSITIONS = "fastdpo/positions"  # logged: positions the backbone computed (padding included), summed over processes
+PADDED = "fastdpo_padded_tokens"  # the batch key: what TRL's padded batch's input_ids would hold (numel)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ def _split(ids: list, mask: list):
 
 class PairCollator:
     """TRL's examples (``prompt_ids``, ``chosen_ids``, ``rejected_ids``, optionally ``ref_*_logps``) -> a batch
-    {KEY: PackedBatch | CacheBatch, "num_tokens": what TRL's attention mask would sum to, ref log-probs}, or TRL's
+    {KEY: PackedBatch | CacheBatch, "num_tokens": what TRL's attention mask would sum to, PADDED: its input_ids'
+    numel, ref log-probs}, or TRL's
     padded batch (``fallback``) where the layout cannot hold the truncated pairs exactly."""
 
     def __init__(self, fallback, layout: PairLayout):
@@ -94,7 +96,10 @@ class PairCollator:
         else:
             row = sum(len(p) + len(c) + len(r) for p, c, r in pairs) if self.layout.span else None
             batch = pack_pairs(pairs, f.pad_token_id, max_tokens=row)
-        out = {KEY: batch, "num_tokens": torch.tensor(tokens)}
+        longest = max(len(p) + max(len(c), len(r)) for p, c, r in pairs)
+        if f.pad_to_multiple_of:
+            longest = -(-longest // f.pad_to_multiple_of) * f.pad_to_multiple_of
+        out = {KEY: batch, "num_tokens": torch.tensor(tokens), PADDED: torch.tensor(2 * len(pairs) * longest)}
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
                 out[key] = torch.tensor([e[key] for e in examples])
@@ -114,6 +119,12 @@ def positions(inputs) -> int:
 def num_tokens(inputs) -> torch.Tensor:
     """What TRL counts as a batch's tokens: its padded batch's attention mask, summed."""
     return inputs["num_tokens"] if KEY in inputs else inputs["attention_mask"].sum()
+
+
+def input_tokens(inputs, mode: str) -> torch.Tensor:
+    """Transformers' ``include_num_input_tokens_seen`` count of a layout batch, as it counts TRL's padded batch:
+    ``"non_padding"`` its attention mask summed, ``"all"`` its input_ids' numel."""
+    return inputs["num_tokens"] if mode == "non_padding" else inputs[PADDED]
 
 
 def pair_dpo_loss(model, inputs, layout: PairLayout, ref_chosen=None, ref_rejected=None, **loss_options):

@@ -262,6 +262,15 @@ class FastDPOTrainer(DPOTrainer):
         self.padding_free = True
         return layout
 
+    def _track_num_input_tokens(self, inputs):
+        """``include_num_input_tokens_seen`` on a layout batch: the count of TRL's padded batch of the same pairs
+        (transformers finds no ``input_ids`` in it, and would warn and count nothing)."""
+        mode = self.args.include_num_input_tokens_seen
+        if mode == "no" or not _trl_layout.is_layout_batch(inputs):
+            return super()._track_num_input_tokens(inputs)
+        tokens = _trl_layout.input_tokens(inputs, mode).to(self.args.device, torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+
     def _precompute_ref_logps(self, *args, **kwargs):
         self._check_loaded()
         return super()._precompute_ref_logps(*args, **kwargs)

@@ -1,0 +1,129 @@
+"""FastDPOTrainer with its pair layout on and off, and TRL's DPOTrainer, in one process, step by step in alternation.
+
+    python bench/trl_layout_ab.py [--data long|short] [--steps 12] [--warmup 2] [--threads 0] [--out FILE]
+
+``bench/trainer_compare.py`` runs each trainer in its own process (so that its memory is its own); on a shared
+machine the load then differs from one trainer's run to the next. Here the three trainers live in one process, each
+with its own copy of the same model and its own optimizer, and every step runs through each of them in turn (the
+order reversed every other step), so a change of the machine's speed hits them alike; printed: each trainer's
+median step time and the median (and quartiles) of its per-step time ratio to the others. No memory figures.
+
+Everything else is bench/trainer_compare.py's: its Llama (D 256 x 4 layers, V 32000, random init, fp32, sdpa), its
+word-level tokenizer, its data (``long``: prompts of 192-384 tokens; ``short``: 16-48; replies of 32-128 + EOS),
+2 pairs per step in fastdpo's seeded order, precomputed reference log-probs, AdamW at lr 1e-6. A step is what TRL's
+loop does per optimizer step: ``Trainer.training_step`` (forward, backward), clipping at 1.0, the optimizer and
+scheduler steps, ``zero_grad``; the batch is collated before the clock starts, as in TRL's loop.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+from compare import emit, version
+from trainer_compare import LR, PAIRS_PER_STEP, SEED, build_model, sampled_lengths, step_batches, write_pairs
+
+LABEL = {"layout": "FastDPOTrainer (pair layout)", "padded": "FastDPOTrainer, pair_layout=False",
+         "trl": "TRL DPOTrainer"}
+
+
+def trainers(model_dir: str, data_path: str, steps: int, out: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from fastdpo.integrations.trl import FastDPOTrainer
+
+    with open(data_path) as f:
+        rows = [r for r in map(json.loads, f) if r["split"] == "train"]
+    order = [i for idx in step_batches(len(rows), -(-len(rows) // PAIRS_PER_STEP), PAIRS_PER_STEP) for i in idx]
+    data = Dataset.from_list([{k: rows[i][k] for k in ("prompt", "chosen", "rejected")} for i in order])
+    made = {}
+    for name, cls, extra in (("layout", FastDPOTrainer, {}), ("padded", FastDPOTrainer, dict(pair_layout=False)),
+                             ("trl", DPOTrainer, {})):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        args = DPOConfig(output_dir=os.path.join(out, name), per_device_train_batch_size=PAIRS_PER_STEP,
+                         max_length=None, precompute_ref_log_probs=True, learning_rate=LR,
+                         lr_scheduler_type="linear", warmup_steps=0, max_steps=steps, report_to=[], use_cpu=True,
+                         bf16=False, fp16=False, gradient_checkpointing=False, save_strategy="no", eval_strategy="no",
+                         train_sampling_strategy="sequential", seed=SEED, disable_tqdm=True, dataloader_num_workers=0)
+        trainer = cls(model=model, args=args, train_dataset=data,
+                      processing_class=AutoTokenizer.from_pretrained(model_dir), **extra)
+        trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+        trainer.current_gradient_accumulation_steps = 1     # what Trainer's loop sets before each step
+        made[name] = (trainer, iter(trainer.get_train_dataloader()))
+    if not made["layout"][0].padding_free:
+        sys.exit("FastDPOTrainer did not take its pair layout here: nothing to compare")
+    return made
+
+
+def step(trainer, inputs) -> float:
+    import torch
+    trainer.model.train()
+    start = time.perf_counter()
+    trainer.training_step(trainer.model, inputs)
+    torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), 1.0)
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    trainer.optimizer.zero_grad()
+    return time.perf_counter() - start
+
+
+def quartiles(xs: list) -> str:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return f"median {q[1]:.3f} (quartiles {q[0]:.3f}-{q[2]:.3f})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="long", choices=("long", "short"))
+    p.add_argument("--steps", type=int, default=12, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", help="append the markdown to this file")
+    args = p.parse_args()
+    os.environ.update(TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = args.steps + args.warmup
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = os.path.join(tmp, "model")
+        n_params = build_model(model_dir)
+        data_path = os.path.join(tmp, "pairs.jsonl")
+        write_pairs(data_path, sampled_lengths(args.data, steps * PAIRS_PER_STEP, SEED), [])
+        made = trainers(model_dir, data_path, steps, tmp)
+        times = {name: [] for name in made}
+        loads = []
+        for k in range(steps):
+            names = list(made) if k % 2 == 0 else list(made)[::-1]
+            batches = {name: next(made[name][1]) for name in names}
+            for name in names:
+                t = step(made[name][0], batches[name])
+                if k >= args.warmup:
+                    times[name].append(t)
+            loads.append(os.getloadavg()[0])
+            print(f"  step {k + 1}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in names if times[n]),
+                  file=sys.stderr, flush=True)
+    ratio = lambda a, b: [x / y for x, y in zip(times[a], times[b])]     # noqa: E731
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"\n### `python bench/trl_layout_ab.py --data {args.data} --steps {args.steps} --warmup {args.warmup}`",
+             "", f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+             f"{version('transformers')}, trl {version('trl')} | {now} | 1-min load average "
+             f"{min(loads):.1f}-{max(loads):.1f} | model {n_params / 1e6:.1f} M parameters, fp32", "", "```"]
+    for name in made:
+        lines.append(f"{LABEL[name]}: median step {statistics.median(times[name]):.3f} s")
+    for a, b in (("layout", "padded"), ("layout", "trl"), ("padded", "trl")):
+        lines.append(f"{a} / {b}, per step: {quartiles(ratio(a, b))}")
+    lines.append("```")
+    emit("\n".join(lines), args.out)
+
+
+if __name__ == "__main__":
+    main()
