@@ -120,22 +120,36 @@ def test_documented_train_commands_parse(tmp_path, monkeypatch):
         cli.config_from_args(["train", *argv])       # raises on an unknown option or a bad value
 
 
-def test_trainer_page_lists_every_option_of_help_in_its_group():
-    """docs/trainer.md's '### <group> options' sections hold every flag that `fastdpo train --help` shows there."""
+def option_tables() -> str:
+    """docs/trainer.md's option tables, generated from `fastdpo train --help`'s groups, flags and texts."""
     import argparse
     from fastdpo.train import cli
     train = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
-    text = (ROOT / "docs" / "trainer.md").read_text(encoding="utf-8")
-    sections = dict(re.findall(r"^### (.+?)\n(.*?)(?=^##|\Z)", text, re.S | re.M))
-    missing = []
+    out = []
     for group in train._action_groups:
-        flags = [s for a in group._group_actions for s in a.option_strings if s.startswith("--") and s != "--help"]
-        if group.title == "options":                 # --config: explained above the groups
-            missing += [f for f in flags if f"`{f}" not in text]
+        if group.title in ("options", "positional arguments"):      # --help, --config: explained above the tables
             continue
-        body = sections.get(group.title, "")
-        missing += [f"{group.title}: {f}" for f in flags if f"`{f}" not in body]
-    assert not missing, f"docs/trainer.md lacks (regenerate its tables from --help): {missing}"
+        about = group.description or ""
+        out += [f"### {group.title}", "", about[:1].upper() + about[1:] + ".", "", "| option | what it does |",
+                "|---|---|"]
+        for action in group._group_actions:
+            if isinstance(action, argparse.BooleanOptionalAction):
+                flags = ", ".join(f"`{s}`" for s in action.option_strings)
+            elif action.nargs == "?":
+                flags = f"`{action.option_strings[0]} [{action.metavar}]`"
+            else:
+                flags = f"`{action.option_strings[0]} {action.metavar or action.dest.upper()}`"
+            out.append(f"| {flags} | {action.help.replace('|', chr(92) + '|')} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def test_trainer_page_lists_every_option_of_help_in_its_group():
+    """docs/trainer.md holds `fastdpo train --help`'s options, group by group, with their texts and defaults."""
+    text = (ROOT / "docs" / "trainer.md").read_text(encoding="utf-8")
+    assert "`--config YAML`" in text
+    assert option_tables() in text, ("docs/trainer.md's option tables differ from `fastdpo train --help`: replace "
+                                     "them with the output of `python tests/test_docs.py`")
 
 
 # ------------------------------------------------------------------------------------------ the README's snippets
@@ -211,3 +225,8 @@ def test_plots_are_drawn_from_results_and_captioned_with_their_device_and_date(t
     dates |= {title.split(", ")[-2] for title, _ in plots.speed_ratios(text)}
     caption = readme[readme.index("## Results"):readme.index("## Documentation")]
     assert all(d in caption for d in dates), (dates, caption)
+
+
+if __name__ == "__main__":                          # docs/trainer.md's option tables, to paste after a CLI change
+    sys.path.insert(0, str(ROOT))
+    print(option_tables(), end="")
