@@ -3,7 +3,7 @@
     python bench/trainer_compare.py [--data long,short] [--steps 8] [--warmup 2] [--repeats 1] [--methods M,...]
                                     [--out FILE]
     python bench/trainer_compare.py --memory-vs-context [--contexts 1k,2k,4k,8k,16k,32k] [--mem-steps 2]
-                                    [--timeout 600] [--json FILE] [--png bench/trainer_memory_vs_context.png]
+                                    [--timeout 600] [--json FILE]     # then: python bench/plots.py
     python bench/trainer_compare.py --one-long-pair [--mem-steps 2] [--timeout 900]
 
 Methods (``--methods``): ``fastdpo`` (the `fastdpo train` defaults for the model: --share-prompt --packing
@@ -59,9 +59,6 @@ LAYOUTS = {"fastdpo": {}, "fastdpo_cache": dict(share_prompt=True, packing=False
 LABEL = {"fastdpo": "fastdpo default", "fastdpo_cache": "fastdpo prompt-cache", "fastdpo_plain": "fastdpo plain",
          "trl": "TRL DPOTrainer", "trl_fastdpo": "FastDPOTrainer (TRL + fastdpo)", "fastdpo_mask": "fastdpo shared+packed dense mask", "trl_gc": "TRL + grad. ckpt",
          "trl_fastdpo_padded": "FastDPOTrainer, pair_layout=False"}
-STYLE = {"fastdpo": dict(marker="o", ms=9, mfc="none", lw=2.5), "fastdpo_cache": dict(marker="s", ls="--"),
-         "fastdpo_plain": dict(marker="^"), "trl": dict(marker="D"), "trl_fastdpo": dict(marker="P", ls="-."), "fastdpo_mask": dict(marker="v", ls=":"), "trl_fastdpo_padded": dict(marker="X", ls="-."),
-         "trl_gc": dict(marker="x", ls="--")}      # the default and the cache route coincide on long pairs
 # the model: Llama architecture, hidden 256 x 4 layers, vocabulary 32000
 D, LAYERS, FFN, HEADS, V, MAX_POS = 256, 4, 688, 4, 32000, 65536
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -430,34 +427,8 @@ def memory_vs_context(args, tmp: str, model_dir: str, n_params: int) -> None:
     lines += ["", f"Model {n_params / 1e6:.1f} M parameters (Llama, D {D} × {LAYERS} layers, V {V}), fp32; each "
               f"method in its own process under a {args.rlimit_gb:g} GB address-space limit and a {args.timeout:.0f} s "
               "timeout; peak RSS = ru_maxrss (model load, reference pass, training and, for fastdpo, its evaluation "
-              "of a 16 + 2 × 9-token held-out pair). Plot: " + args.png]
+              "of a 16 + 2 × 9-token held-out pair). Plot: `python bench/plots.py` (bench/memory_vs_context.png)."]
     emit("\n".join(lines), args.out)
-    plot(rows, methods, n_params, args.png)
-
-
-def plot(rows: dict, methods: list, n_params: int, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in methods:
-        pts = sorted((c, r["peak_gb"]) for (c, mm), r in rows.items() if mm == m and r["ok"])
-        if pts:
-            ax.plot(*zip(*pts), label=LABEL[m], **STYLE[m])
-    ax.set_xscale("log", base=2)
-    ticks = sorted({c for c, _ in rows})
-    ax.set_xticks(ticks, [f"{c // 1024}k" for c in ticks])
-    ax.set_xlabel("context tokens per pair (prompt 3/4, two replies 1/8 each)")
-    ax.set_ylabel("peak RSS (GB)")
-    ax.set_title(f"DPO training, one pair per step: peak memory (CPU, Llama {n_params / 1e6:.0f} M params, fp32)",
-                 fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}", file=sys.stderr)
 
 
 def one_long_pair(args, tmp: str, model_dir: str, n_params: int) -> None:
@@ -513,8 +484,6 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=600, help="seconds per method (one process)")
     p.add_argument("--rlimit-gb", type=float, default=20, help="address-space limit of each method's process")
     p.add_argument("--json", help="--memory-vs-context: append raw rows here and plot every row the file holds")
-    p.add_argument("--png", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                 "trainer_memory_vs_context.png"))
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

@@ -273,9 +273,9 @@ def test_probe_of_an_unknown_class_with_lora_on_its_head():
 
 
 @pytest.mark.parametrize("family", ["gemma2-softcap", "phi-bias", "gpt2-tied", "granite-scaling"])
-def test_the_readme_hidden_state_snippet_gives_the_model_level_loss(family):
-    """README's loop-level form (output_head + backbone_hidden + linear_dpo_loss) is the model-level op: softcap,
-    head bias, logit scaling and a backbone not at model.model included."""
+def test_the_hidden_state_snippet_gives_the_model_level_loss(family):
+    """docs/drop-in.md's loop-level form (output_head + backbone_hidden + linear_dpo_loss) is the model-level op:
+    softcap, head bias, logit scaling and a backbone not at model.model included."""
     import fastdpo
     from families import batch, tiny
     from fastdpo.loss import linear_dpo_loss
