@@ -24,7 +24,11 @@ Each method runs in a fresh process (``--child``) so that its memory is its own:
 load, reference pass and training together); "step peak" is the growth of the resident high-water mark over the
 timed steps above the resident set at their start (the kernel's VmHWM, reset through /proc/self/clear_refs; every
 allocation above 1 MiB its own mmap, so freed tensors leave the resident set at once): what training adds on top
-of the model, its optimizer state and the cached reference log-probs; the child runs under an address-space limit (--rlimit-gb) and
+of the model, its optimizer state and the cached reference log-probs. That setting costs time (every tensor above
+1 MiB is a fresh mmap with page faults), more for the layouts with larger tensors: it overstates a smaller layout's
+step-time gain (FastDPOTrainer, long prompts, 1 thread: 0.56x its padded batches with it, 0.68x without, in one
+process: bench/trl_layout_ab.py), so read the step times here with the memory, and the time ratios from the
+same-process A/Bs (bench/layout_ab.py, bench/trl_layout_ab.py); the child runs under an address-space limit (--rlimit-gb) and
 a timeout, and a method that fails shows as ``n/a (reason)``. A step is timed as each trainer sees it: fastdpo's
 ``step_time_s`` (building the layout, forward, backward, optimizer step) and, for TRL, a callback's
 on_step_begin -> on_step_end (forward, backward, optimizer step; its collation happens before on_step_begin).

@@ -1,6 +1,7 @@
 """FastDPOTrainer with its pair layout on and off, and TRL's DPOTrainer, in one process, step by step in alternation.
 
     python bench/trl_layout_ab.py [--data long|short] [--steps 12] [--warmup 2] [--threads 0] [--out FILE]
+                                  [--model D,LAYERS,FFN,HEADS] [--no-trl]
 
 ``bench/trainer_compare.py`` runs each trainer in its own process (so that its memory is its own); on a shared
 machine the load then differs from one trainer's run to the next. Here the three trainers live in one process, each
@@ -13,6 +14,16 @@ word-level tokenizer, its data (``long``: prompts of 192-384 tokens; ``short``: 
 2 pairs per step in fastdpo's seeded order, precomputed reference log-probs, AdamW at lr 1e-6. A step is what TRL's
 loop does per optimizer step: ``Trainer.training_step`` (forward, backward), clipping at 1.0, the optimizer and
 scheduler steps, ``zero_grad``; the batch is collated before the clock starts, as in TRL's loop.
+
+``--model`` changes the Llama's shape (the vocabulary stays 32000): bench/trainer_compare.py's model is dominated by
+its head (72% of the weights a position multiplies), whose cost per scored token the layout cannot change; a wider,
+deeper backbone shows the layout's share where the backbone dominates, as in real models. ``--no-trl`` leaves TRL's
+DPOTrainer out (on a larger model it alone takes most of the run).
+
+This process's allocator is glibc's default. bench/trainer_compare.py's children set ``MALLOC_MMAP_THRESHOLD_`` to
+1 MiB (so that a freed tensor leaves the resident set and memory can be read from it), which makes every larger
+allocation a fresh mmap with page faults: that slows the batches with larger tensors (the padded ones) more, and
+its step times overstate the layout's gain (long prompts, 1 thread: 0.56x here with that setting, 0.68x without).
 """
 from __future__ import annotations
 
@@ -26,13 +37,14 @@ import tempfile
 import time
 
 from compare import emit, version
+import trainer_compare
 from trainer_compare import LR, PAIRS_PER_STEP, SEED, build_model, sampled_lengths, step_batches, write_pairs
 
 LABEL = {"layout": "FastDPOTrainer (pair layout)", "padded": "FastDPOTrainer, pair_layout=False",
          "trl": "TRL DPOTrainer"}
 
 
-def trainers(model_dir: str, data_path: str, steps: int, out: str) -> dict:
+def trainers(model_dir: str, data_path: str, steps: int, out: str, names: tuple) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -47,6 +59,8 @@ def trainers(model_dir: str, data_path: str, steps: int, out: str) -> dict:
     made = {}
     for name, cls, extra in (("layout", FastDPOTrainer, {}), ("padded", FastDPOTrainer, dict(pair_layout=False)),
                              ("trl", DPOTrainer, {})):
+        if name not in names:
+            continue
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
         args = DPOConfig(output_dir=os.path.join(out, name), per_device_train_batch_size=PAIRS_PER_STEP,
                          max_length=None, precompute_ref_log_probs=True, learning_rate=LR,
@@ -87,7 +101,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", help="append the markdown to this file")
+    p.add_argument("--model", help="the Llama's D,LAYERS,FFN,HEADS (default: bench/trainer_compare.py's 256,4,688,4)")
+    p.add_argument("--no-trl", action="store_true", help="leave TRL's DPOTrainer out")
     args = p.parse_args()
+    if args.model:
+        trainer_compare.D, trainer_compare.LAYERS, trainer_compare.FFN, trainer_compare.HEADS = (
+            int(x) for x in args.model.split(","))
+    names = ("layout", "padded") if args.no_trl else ("layout", "padded", "trl")
     os.environ.update(TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")
     import torch
     if args.threads:
@@ -98,7 +118,7 @@ def main() -> None:
         n_params = build_model(model_dir)
         data_path = os.path.join(tmp, "pairs.jsonl")
         write_pairs(data_path, sampled_lengths(args.data, steps * PAIRS_PER_STEP, SEED), [])
-        made = trainers(model_dir, data_path, steps, tmp)
+        made = trainers(model_dir, data_path, steps, tmp, names)
         times = {name: [] for name in made}
         loads = []
         for k in range(steps):
@@ -113,14 +133,17 @@ def main() -> None:
                   file=sys.stderr, flush=True)
     ratio = lambda a, b: [x / y for x, y in zip(times[a], times[b])]     # noqa: E731
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"\n### `python bench/trl_layout_ab.py --data {args.data} --steps {args.steps} --warmup {args.warmup}`",
+    shape = f"D {trainer_compare.D} x {trainer_compare.LAYERS} layers, FFN {trainer_compare.FFN}, " \
+            f"{trainer_compare.HEADS} heads, V {trainer_compare.V}"
+    lines = [f"\n### `python bench/trl_layout_ab.py {' '.join(sys.argv[1:])}`",
              "", f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
              f"{version('transformers')}, trl {version('trl')} | {now} | 1-min load average "
-             f"{min(loads):.1f}-{max(loads):.1f} | model {n_params / 1e6:.1f} M parameters, fp32", "", "```"]
+             f"{min(loads):.1f}-{max(loads):.1f} | Llama {n_params / 1e6:.1f} M parameters ({shape}), fp32", "", "```"]
     for name in made:
         lines.append(f"{LABEL[name]}: median step {statistics.median(times[name]):.3f} s")
     for a, b in (("layout", "padded"), ("layout", "trl"), ("padded", "trl")):
-        lines.append(f"{a} / {b}, per step: {quartiles(ratio(a, b))}")
+        if b in times:
+            lines.append(f"{a} / {b}, per step: {quartiles(ratio(a, b))}")
     lines.append("```")
     emit("\n".join(lines), args.out)
 
