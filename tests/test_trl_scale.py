@@ -151,6 +151,12 @@ def worker(engine: str, out: str) -> None:
 
     from fastdpo.integrations.trl import FastDPOTrainer
     torch.set_num_threads(1)
+    if engine.startswith("zero"):
+        import deepspeed.ops
+        # DeepSpeed builds its shared-memory all-reduce (a C++ op: minutes on a fresh 2-core machine) when its
+        # communication starts; only its inference all-reduce uses it, never ZeRO's training collectives, which
+        # stay torch.distributed's (gloo) either way. Marked incompatible, as DeepSpeed marks it off Linux.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     results = {}
     for case_id, case in LAUNCHES[engine]:
         for name, cls in (("trl", DPOTrainer), ("fastdpo", FastDPOTrainer)):
