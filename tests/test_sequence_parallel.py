@@ -164,6 +164,60 @@ def worker(out: str, data: str) -> None:
 
 # --------------------------------------------------------------------------------------------------- the tests
 
+def test_one_process_is_refused_naming_the_option(monkeypatch):
+    from fastdpo.train.dist import Dist
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=r"^--sequence-parallel 2: the number of processes \(1\) must be divisible "
+                                         "by it$"):
+        Dist(sequence_parallel=2)
+
+
+def _refused(model, size=2, **cfg):
+    from types import SimpleNamespace
+
+    from fastdpo.train.trainer import check_sequence_parallel
+    options = {**dict(prompt_cache=None, use_weighting=False, router_aux_loss_coef=0.0), **cfg}
+    with pytest.raises(ValueError) as e:
+        check_sequence_parallel(SimpleNamespace(**options), model, SimpleNamespace(sp=size))
+    return str(e.value)
+
+
+def test_what_it_cannot_split_exactly_is_refused_in_one_line():
+    from families import tiny
+    llama = tiny("llama")                   # 4 heads, 2 key/value heads
+    assert _refused(tiny("mistral-sliding-window")) == (
+        "--sequence-parallel 2: --model MistralForCausalLM is not among the classes verified under it "
+        "(LlamaForCausalLM, Qwen2ForCausalLM, Gemma2ForCausalLM)")
+    assert _refused(llama, 4) == ("--sequence-parallel 4: --model num_key_value_heads (2) must be divisible by it "
+                                  "(each rank attends with a 1/4 of the heads)")
+    assert _refused(llama, prompt_cache=True).startswith("--sequence-parallel 2: the prompt-cache route is not split")
+    assert _refused(llama, use_weighting=True) == ("--sequence-parallel 2: --use-weighting (WPO) is not supported "
+                                                   "under sequence parallelism")
+    llama.config._attn_implementation = "flex_attention"
+    assert _refused(llama) == ("--sequence-parallel 2: --model it runs eager and sdpa attention (verified), not "
+                               "'flex_attention'")
+    assert all("\n" not in m for m in (_refused(llama), _refused(llama, 4)))
+
+
+@pytest.mark.parametrize("option", ["sp_size", "cp_size"])
+def test_fast_dpo_trainer_refuses_accelerate_sequence_and_context_parallelism(option, tmp_path, monkeypatch):
+    """TRL's DPOTrainer would sum the log-probs of each process's slice of a sequence: never silently wrong."""
+    pytest.importorskip("trl")
+    from accelerate.parallelism_config import ParallelismConfig
+    from test_integration_trl import config
+    from test_trl_parity import make_dataset, make_model, make_tokenizer
+    from trl import DPOTrainer
+
+    from fastdpo.integrations.trl import FastDPOTrainer
+    monkeypatch.setattr(DPOTrainer, "__init__", lambda *a, **k: pytest.fail("TRL's constructor ran"))
+    extra = dict(sp_backend="deepspeed") if option == "sp_size" else {}
+    args = config(tmp_path, parallelism_config=ParallelismConfig(**{option: 2}, **extra))
+    with pytest.raises(ValueError, match=f"^FastDPOTrainer: {option}=2 \\(DPOConfig.parallelism_config\\) is not "
+                                         "supported: under sequence/context parallelism"):
+        FastDPOTrainer(model=make_model(seed=0), args=args, train_dataset=make_dataset(),
+                       processing_class=make_tokenizer())
+
+
 def _metrics(out: Path) -> list:
     with open(out / "metrics.jsonl") as f:
         return [{k: r[k] for k in ("step", "loss", "eval_loss") if k in r} for r in map(json.loads, f)]
