@@ -7,8 +7,8 @@ attention softcap, sliding window 4, which cuts into the prompts here), with the
 the plain layout (one padded sequence per row), each over rows of an odd length (so they are padded to a multiple
 of 2): the log-probs, the loss and every parameter gradient (summed over the group, as the trainer reduces them)
 equal the unsplit run's within MODEL_RTOL; (2) ``fastdpo train --sequence-parallel 2`` runs (data parallel and
-FSDP) give the single-process run's losses, and a run interrupted after its step-2 checkpoint and resumed gives
-the uninterrupted run's.
+FSDP) give the single-process run's losses and gradient norms, and a run interrupted after its step-2 checkpoint
+and resumed gives the uninterrupted run's. A second launch, of 4 processes, trains with 2 data-parallel groups of 2.
 """
 from __future__ import annotations
 
@@ -150,6 +150,13 @@ def worker(out: str, data: str) -> None:
     from fastdpo.sequence_parallel import SequenceGroup
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    if dist.get_world_size() == 4:              # 2 data-parallel groups of 2: one run
+        from fastdpo.train import trainer
+        from fastdpo.train.config import build
+        options = dict(TRAIN, dataset=data, sequence_parallel=2, output_dir=str(Path(out) / "grid"),
+                       cache_dir=str(Path(out) / "cache-grid"))
+        trainer.train(build(options, set(options)))
+        return
     group = SequenceGroup(dist.new_group([0, 1]), 2, dist.get_rank())
     start = time.perf_counter()
     rows = model_checks(group)
@@ -220,7 +227,18 @@ def test_fast_dpo_trainer_refuses_accelerate_sequence_and_context_parallelism(op
 
 def _metrics(out: Path) -> list:
     with open(out / "metrics.jsonl") as f:
-        return [{k: r[k] for k in ("step", "loss", "eval_loss") if k in r} for r in map(json.loads, f)]
+        # grad_norm: AdamW hides a gradient's scale from the losses, the clipped norm does not
+        return [{k: r[k] for k in ("step", "loss", "grad_norm", "eval_loss") if k in r} for r in map(json.loads, f)]
+
+
+def _launch(tmp: Path, data: str, processes: int) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1",
+               PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port",
+               str(29600 + os.getpid() % 300 + processes), str(Path(__file__)), str(tmp), data]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -235,13 +253,7 @@ def launched(tmp_path_factory):
     data = small_bundled(tmp)
     options = dict(TRAIN, dataset=data, output_dir=str(tmp / "single"), cache_dir=str(tmp / "cache-single"))
     trainer.train(build(options, set(options)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1",
-               PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(29600 + os.getpid() % 300), str(Path(__file__)), str(tmp), data]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    _launch(tmp, data, 2)
     return tmp, json.loads((tmp / "results.json").read_text())
 
 
@@ -255,15 +267,27 @@ def test_split_rows_give_the_unsplit_log_probs_loss_and_gradients(launched, case
     assert not bad, f"{case_id(case)}: " + "; ".join(bad)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("run", ["sp", "fsdp"])
-def test_training_run_gives_the_single_process_losses(launched, run):
-    tmp, _ = launched
+def _assert_same_curve(tmp: Path, run: str) -> None:
     want, got = _metrics(tmp / "single"), _metrics(tmp / run)
     assert [sorted(r) for r in got] == [sorted(r) for r in want] and [r["step"] for r in want if "loss" in r] == [1, 2, 3]
     for g, w in zip(got, want):
         for key in g.keys() - {"step"}:
             assert abs(g[key] - w[key]) <= 1e-5 * abs(w[key]), f"{run} step {w['step']} {key}: {g[key]} vs {w[key]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["sp", "fsdp"])
+def test_training_run_gives_the_single_process_losses(launched, run):
+    _assert_same_curve(launched[0], run)
+
+
+@pytest.mark.slow
+def test_two_data_parallel_groups_of_two_give_the_single_process_losses(launched):
+    """4 processes (about 35 s more): the groups' shares of each micro-batch, gradients summed over a group and
+    averaged over the groups."""
+    tmp, _ = launched
+    _launch(tmp, str(tmp / "small.jsonl"), 4)
+    _assert_same_curve(tmp, "grid")
 
 
 @pytest.mark.slow
