@@ -25,9 +25,9 @@ model's (the engine's) forward and the fused head inside the lm_head's (``fastdp
 DeepSpeed ZeRO-1/2/3 and FSDP2 gather and reduce its parameters as for TRL's own head. Not logged: ``entropy``,
 ``logits/chosen``, ``logits/rejected`` and ``mean_token_accuracy``, per-token statistics of the full-vocabulary
 distribution that the fused op does not form. Options FastDPOTrainer cannot honour raise a ValueError at
-construction (``REFUSED``, accelerate's sequence/context parallelism (``_refuse_sequence_split``), ``use_liger_kernel`` in TRL's words, and the checks of ``_check_inputs`` and
-``_check_loaded``); fastdpo also refuses a few loss settings TRL only warns about (e.g. ``label_smoothing`` where no
-chosen loss uses it).
+construction (``REFUSED``, accelerate's sequence/context parallelism (``_refuse_sequence_split``),
+``use_liger_kernel`` in TRL's words, and the checks of ``_check_inputs`` and ``_check_loaded``); fastdpo also refuses
+a few loss settings TRL only warns about (e.g. ``label_smoothing`` where no chosen loss uses it).
 """
 from __future__ import annotations
 
