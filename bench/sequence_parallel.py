@@ -3,14 +3,15 @@
     nice -n 10 python bench/sequence_parallel.py [--contexts 4k,8k,16k,32k] [--json FILE] [--png FILE]
 
 One pair per step, its prompt 3/4 of the tokens and each reply 1/8 (random token ids), shared prompt in one row,
-span attention (the trainer's default on the CPU; gradient checkpointing would take the dense [L, L] mask there,
-4 GB at 32k in fp32, so it is off). The step is what ``fastdpo train`` runs per micro-batch: forward + backward of
+span attention (the trainer's default on the CPU), no gradient checkpointing (refused under sequence parallelism;
+in one process it would take the dense [L, L] mask, 4 GB at 32k in fp32). The step is what ``fastdpo train`` runs per micro-batch: forward + backward of
 the model-level DPO loss (``fastdpo.model_pair_dpo_loss``, or ``fastdpo.sequence_parallel.model_pair_dpo_loss``
 over 2 ranks under ``torchrun``), the gradients summed over the group, one AdamW step. Each configuration runs in
 fresh processes; each process reports its resident memory just before the step (model loaded, batch built, masks
 not yet) and its peak resident memory (ru_maxrss) after it: "step peak" = the difference, the memory the step
-itself added. Both ranks' log-probs are compared with the single process's (printed: fp32 sums of thousands of
-terms, so rounding of ~1e-7 relative).
+itself added. The children map allocations from 64 KiB up (``MALLOC``; ``--glibc-default`` leaves glibc as it is),
+so that the resident peak is the tensors' peak. Both ranks' log-probs are compared with the single process's
+(printed: fp32 sums of thousands of terms, so rounding of ~1e-7 relative).
 """
 from __future__ import annotations
 
@@ -86,8 +87,15 @@ def child(context: int) -> None:
         print("ROWS " + json.dumps(rows))
 
 
-def run(context: int, ranks: int, timeout: int) -> list:
-    env = dict(os.environ, TQDM_DISABLE="1")
+# glibc's malloc keeps freed blocks below its (adaptive, up to 32 MiB) mmap threshold in its arenas, so the resident
+# high-water mark follows the allocator's history, not the tensors alive at the peak (measured, bench/RESULTS.md:
+# 2 ranks / 1 process 0.61x and 0.77x at 16k and 32k with glibc's defaults, 0.57x and 0.56x with these). Allocations
+# from 64 KiB up are mapped and unmapped with their tensors here, in every configuration alike.
+MALLOC = dict(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+
+
+def run(context: int, ranks: int, timeout: int, glibc_default: bool = False) -> list:
+    env = dict(os.environ, TQDM_DISABLE="1", **({} if glibc_default else MALLOC))
     if ranks == 1:
         command = [sys.executable, __file__, "--child", str(context)]
     else:
@@ -130,6 +138,7 @@ def main() -> None:
     p.add_argument("--png", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "sequence_parallel_memory.png"))
     p.add_argument("--plot-only", action="store_true", help="plot the rows of --json, run nothing")
+    p.add_argument("--glibc-default", action="store_true", help="leave glibc's malloc thresholds as they are")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -141,13 +150,14 @@ def main() -> None:
     if not args.plot_only:
         import torch
         print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, "
-              f"{time.strftime('%F %H:%M UTC', time.gmtime())}")
+              f"{time.strftime('%F %H:%M UTC', time.gmtime())}, malloc: "
+              f"{'glibc default' if args.glibc_default else ' '.join(f'{k}={v}' for k, v in MALLOC.items())}")
         print("| tokens per pair | ranks | rank | RSS before step | step peak (increase) | process peak | step s "
               "| loss |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for context in [parse_k(c) for c in args.contexts.split(",")]:
             for ranks in (1, 2):
-                new = run(context, ranks, args.timeout)
+                new = run(context, ranks, args.timeout, args.glibc_default)
                 for r in new:
                     print(f"| {r['context']} | {r['ranks']} | {r['rank']} | {r['before_gb']:.2f} GB | "
                           f"{r['step_gb']:.2f} GB | {r['peak_gb']:.2f} GB | {r['seconds']:.1f} | {r['loss']:.6f} |",

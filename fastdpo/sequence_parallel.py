@@ -48,6 +48,8 @@ NAME = "fastdpo_ulysses"
 # subset or a slice, so other classes are refused until checked.
 VERIFIED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM")
 IMPLEMENTATIONS = ("eager", "sdpa")
+CHECKPOINTING = ("gradient checkpointing is not supported: its recompute runs in the backward, outside the split "
+                 "attention")
 
 
 @dataclass(frozen=True)
@@ -200,10 +202,12 @@ def local_targets(batch: PackedBatch, sp: SequenceGroup):
 def _local_hidden(model, batch: PackedBatch, attention: str, sp: SequenceGroup):
     """One backbone pass over this rank's columns -> (hidden states predicting its targets [2B, T', D], labels
     [2B, T'], their positions in ``batch.labels``). ``batch`` already padded (``pad_columns``)."""
-    from .models import _base, _check_span_calls, _mask_dtype, _span_route
+    from .models import _base, _check_span_calls, _checkpointing, _mask_dtype, _span_route
     base = _base(model)
     check_layout_support(base)
     why = sequence_parallel_unavailable(base, sp.size)
+    if why is None and base.training and _checkpointing(base):
+        why = CHECKPOINTING
     if why:
         raise ValueError(f"sequence parallelism over {sp.size} ranks: {why}")
     backbone = head_rule(base).backbone_of(base)

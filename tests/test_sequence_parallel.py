@@ -183,7 +183,8 @@ def _refused(model, size=2, **cfg):
     from types import SimpleNamespace
 
     from fastdpo.train.trainer import check_sequence_parallel
-    options = {**dict(prompt_cache=None, use_weighting=False, router_aux_loss_coef=0.0), **cfg}
+    options = {**dict(prompt_cache=None, use_weighting=False, router_aux_loss_coef=0.0, gradient_checkpointing=False),
+               **cfg}
     with pytest.raises(ValueError) as e:
         check_sequence_parallel(SimpleNamespace(**options), model, SimpleNamespace(sp=size))
     return str(e.value)
@@ -198,6 +199,9 @@ def test_what_it_cannot_split_exactly_is_refused_in_one_line():
     assert _refused(llama, 4) == ("--sequence-parallel 4: --model num_key_value_heads (2) must be divisible by it "
                                   "(each rank attends with a 1/4 of the heads)")
     assert _refused(llama, prompt_cache=True).startswith("--sequence-parallel 2: the prompt-cache route is not split")
+    assert _refused(llama, gradient_checkpointing=True) == (
+        "--sequence-parallel 2: --gradient-checkpointing: gradient checkpointing is not supported: its recompute runs "
+        "in the backward, outside the split attention")
     assert _refused(llama, use_weighting=True) == ("--sequence-parallel 2: --use-weighting (WPO) is not supported "
                                                    "under sequence parallelism")
     llama.config._attn_implementation = "flex_attention"

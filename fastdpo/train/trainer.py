@@ -221,6 +221,8 @@ def check_sequence_parallel(cfg: TrainConfig, model, dist: Dist, what: str = "--
     if cfg.prompt_cache:
         raise ValueError(f"{flag}: the prompt-cache route is not split over ranks; drop --prompt-cache (the shared "
                          "prompt then goes through the packed layout's mask)")
+    if cfg.gradient_checkpointing:
+        raise ValueError(f"{flag}: --gradient-checkpointing: {sequence_parallel.CHECKPOINTING}")
     if cfg.use_weighting:
         raise ValueError(f"{flag}: --use-weighting (WPO) is not supported under sequence parallelism")
     if cfg.router_aux_loss_coef:
