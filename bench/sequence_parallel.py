@@ -110,20 +110,30 @@ def run(context: int, ranks: int, timeout: int, glibc_default: bool = False) -> 
 
 
 def plot(rows: list, png: str) -> None:
+    """Step peak against context, per number of ranks (for 2 ranks the larger of the two; a context measured twice:
+    the last run)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for ranks in sorted({r["ranks"] for r in rows}):
-        mine = sorted((r["context"], max(x["step_gb"] for x in rows if x["context"] == r["context"]
-                                         and x["ranks"] == ranks)) for r in rows if r["ranks"] == ranks)
-        mine = sorted(set(mine))
+        peaks = {}
+        for r in rows:
+            if r["ranks"] == ranks:
+                runs = peaks.setdefault(r["context"], [[]])
+                if len(runs[-1]) == ranks:
+                    runs.append([])
+                runs[-1].append(r["step_gb"])
+        points = sorted((c, max(runs[-1])) for c, runs in peaks.items())
         label = "1 process" if ranks == 1 else f"--sequence-parallel {ranks} (per process)"
-        ax.plot([c for c, _ in mine], [m for _, m in mine], marker="o", label=label)
+        ax.plot([c for c, _ in points], [m for _, m in points], marker="o", label=label)
+    contexts = sorted({r["context"] for r in rows})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(contexts, [f"{c // 1024}k" for c in contexts])
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("tokens per pair (prompt 3/4, two replies 1/8 each)")
-    ax.set_ylabel("training step peak RSS increase (GB)")
-    ax.set_title(f"Llama D {HIDDEN} x {LAYERS} layers, V {VOCAB}, fp32, CPU")
+    ax.set_ylabel("training step: peak RSS increase (GB)")
+    ax.set_title(f"Llama D {HIDDEN} x {LAYERS} layers, V {VOCAB}, fp32, CPU, one pair per step", fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
