@@ -25,9 +25,9 @@ model's (the engine's) forward and the fused head inside the lm_head's (``fastdp
 DeepSpeed ZeRO-1/2/3 and FSDP2 gather and reduce its parameters as for TRL's own head. Not logged: ``entropy``,
 ``logits/chosen``, ``logits/rejected`` and ``mean_token_accuracy``, per-token statistics of the full-vocabulary
 distribution that the fused op does not form. Options FastDPOTrainer cannot honour raise a ValueError at
-construction (``REFUSED``, ``use_liger_kernel`` in TRL's words, and the checks of ``_check_inputs`` and
-``_check_loaded``); fastdpo also refuses a few loss settings TRL only warns about (e.g. ``label_smoothing`` where no
-chosen loss uses it).
+construction (``REFUSED``, accelerate's sequence/context parallelism (``_refuse_sequence_split``),
+``use_liger_kernel`` in TRL's words, and the checks of ``_check_inputs`` and ``_check_loaded``); fastdpo also refuses
+a few loss settings TRL only warns about (e.g. ``label_smoothing`` where no chosen loss uses it).
 """
 from __future__ import annotations
 
@@ -83,6 +83,19 @@ def _refuse_options(args) -> None:
         if value:
             raise ValueError(f"FastDPOTrainer: {name}={value!r} is not supported: {why}. Unset it, or use "
                              "trl.DPOTrainer")
+
+
+def _refuse_sequence_split(parallelism, where: str) -> None:
+    """accelerate's sequence or context parallelism (``ParallelismConfig(sp_size=N)`` / ``cp_size=N``): each process
+    would hold a slice of every sequence, and TRL's DPOTrainer, whose batches FastDPOTrainer scores, sums the
+    log-probs of the slice only: a silently wrong loss. Refused until the split sums are added over the group."""
+    for name in ("sp_size", "cp_size"):
+        size = getattr(parallelism, name, None) or 1
+        if size > 1:
+            raise ValueError(f"FastDPOTrainer: {name}={size} ({where}) is not supported: under sequence/context "
+                             "parallelism each process scores a slice of every sequence and TRL's DPO loss would take "
+                             f"the slice's log-probs for the sequence's; set {name}=1, or use `fastdpo train "
+                             "--sequence-parallel N`")
 
 
 def _loss_options(args) -> dict:
@@ -206,6 +219,7 @@ class FastDPOTrainer(DPOTrainer):
             given["args"] = DPOConfig(f"{name.split('/')[-1]}-DPO")
         config = given["args"]
         _refuse_options(config)
+        _refuse_sequence_split(config.parallelism_config, "DPOConfig.parallelism_config")
         _loss_options(config)
         _check_inputs(model, given.get("ref_model"), config, given.get("train_dataset"),
                       given.get("processing_class"), given.get("peft_config"))
@@ -230,6 +244,7 @@ class FastDPOTrainer(DPOTrainer):
         reference), once: before TRL precomputes reference log-probs, else at the end of the constructor."""
         if self._fastdpo_checked:
             return
+        _refuse_sequence_split(self.accelerator.parallelism_config, "accelerate's parallelism_config")
         self._fastdpo_options = _loss_options(self.args)
         coef = _checked_model(self.model, self.args)
         if self.ref_model is not None:

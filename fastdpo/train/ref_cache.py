@@ -26,11 +26,15 @@ class Policy(torch.nn.Module):
 
     One forward for all of it because FSDP gathers a unit's parameters only inside that unit's forward: this
     module is the root unit, so its forward gathers the embeddings, final norm and lm_head weight (tied or not)
-    that the op reads outside the backbone, and its backward reduce-scatters their gradients."""
+    that the op reads outside the backbone, and its backward reduce-scatters their gradients.
 
-    def __init__(self, model):
+    ``sequence``: the ``fastdpo.sequence_parallel.SequenceGroup`` whose ranks split each forward's rows (None: this
+    process computes its rows whole)."""
+
+    def __init__(self, model, sequence=None):
         super().__init__()
         self.model = model
+        self.sequence = sequence
 
     def forward(self, fn, *args, **kwargs):
         return fn(self.model, *args, **kwargs)

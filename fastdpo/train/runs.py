@@ -258,10 +258,12 @@ def check_same_inputs(cfg: TrainConfig, old: dict, new: dict) -> None:
 
 def check_output_dir(cfg: TrainConfig, world: int, cache: str) -> str:
     """Every check on --output-dir and the cache directory that needs no data or model, before any of them is
-    loaded; writes nothing that stays."""
+    loaded; writes nothing that stays. ``world``: the data-parallel processes (groups under sequence parallelism)."""
     out = cfg.output_dir
     if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+        groups = " (processes / --sequence-parallel)" if cfg.sequence_parallel > 1 else ""
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes{groups} "
+                         f"({world})")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--output-dir {out!r} is a file")
     check_writable(out, "--output-dir")      # the directory itself is made once data and model have loaded

@@ -8,6 +8,7 @@ The loss runs inside one forward (``ref_cache.Policy``) that FSDP can shard. Wei
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import warnings
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import __version__, sequence_parallel
 from ..heads import router_aux_loss_coef, supports_layout
 from ..layout import mask_unavailable, pack_pairs, prefers_prompt_cache, prompt_cache_batch
 from ..models import check_output_head, model_dpo_loss, model_pair_dpo_loss, output_head, span_unavailable
@@ -133,14 +134,16 @@ def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 # ------------------------------------------------------------------------------------------------ forward passes
 
-def layout_inputs(examples, idx, pad_id, cfg: TrainConfig, device):
-    """examples[idx] in the run's layout -> (model-level function, its batch arguments, positions computed)."""
+def layout_inputs(examples, idx, pad_id, cfg: TrainConfig, device, split: bool = False):
+    """examples[idx] in the run's layout -> (model-level function, its batch arguments, positions computed).
+    ``split`` (sequence parallelism): always a PackedBatch, whose columns the ranks split (the plain layout as one
+    padded sequence per row)."""
     batch = [examples[i] for i in idx]
-    if not (cfg.share_prompt or cfg.packing):
+    if not (cfg.share_prompt or cfg.packing or split):
         input_ids, mask, labels = (t.to(device) for t in prefs.collate(batch, pad_id))
         return "plain", (input_ids, labels), dict(attention_mask=mask), input_ids.numel()
     pairs = [(e.prompt, e.chosen, e.rejected) for e in batch]
-    cache = cfg.prompt_cache
+    cache = False if split else cfg.prompt_cache
     if cache is None:   # auto: where it was measured faster (not against span attention), never with checkpointing
         cache = (cfg.share_prompt and not cfg.gradient_checkpointing and not cfg.span_attention
                  and prefers_prompt_cache(pairs))
@@ -157,12 +160,17 @@ def layout_inputs(examples, idx, pad_id, cfg: TrainConfig, device):
 def pair_loss(policy, examples, idx, ref, pad_id, cfg: TrainConfig, device, return_logps=False):
     """(loss, metrics, positions computed) of examples[idx], and the policy's log-probs [2b] before the count with
     ``return_logps``: ``model_dpo_loss`` (or ``model_pair_dpo_loss`` in the shared/packed layout)."""
-    kind, args, kwargs, tokens = layout_inputs(examples, idx, pad_id, cfg, device)
+    group = policy.sequence              # sequence parallelism: this rank's columns of the rows, the group's sums
+    kind, args, kwargs, tokens = layout_inputs(examples, idx, pad_id, cfg, device, split=group is not None)
     ref_c = ref_r = None                              # --reference-free
     if ref is not None:
         ref_pairs = ref[idx].to(device=device, dtype=torch.float32)
         ref_c, ref_r = ref_pairs[:, 0], ref_pairs[:, 1]
     fn = model_dpo_loss if kind == "plain" else model_pair_dpo_loss
+    if group is not None:
+        fn = functools.partial(sequence_parallel.model_pair_dpo_loss, group=group)
+        rows, columns = args[0].input_ids.shape
+        tokens = rows * -(-columns // group.size)          # this rank's columns (the rows padded to a multiple)
     if cfg.router_aux_loss_coef and not return_logps:      # training and evaluation, not the log-prob passes
         kwargs = dict(kwargs, router_aux_loss_coef=cfg.router_aux_loss_coef)
     out = policy(fn, *args, ref_c, ref_r, **kwargs, **cfg.loss_options(), return_logps=return_logps)
@@ -200,6 +208,25 @@ def resolve_layout(cfg: TrainConfig, model, device: torch.device) -> None:
         why = "it applies to --share-prompt/--packing" if not layout else missing
         if why:
             raise ValueError(f"--span-attention: {why}; use --no-span-attention")
+
+
+def check_sequence_parallel(cfg: TrainConfig, model, dist: Dist, what: str = "--model") -> None:
+    """--sequence-parallel N > 1: what it cannot split exactly, refused up front in one line."""
+    if dist.sp == 1:
+        return
+    flag = f"--sequence-parallel {dist.sp}"
+    why = sequence_parallel.sequence_parallel_unavailable(model, dist.sp)
+    if why:
+        raise ValueError(f"{flag}: {what} {why}")
+    if cfg.prompt_cache:
+        raise ValueError(f"{flag}: the prompt-cache route is not split over ranks; drop --prompt-cache (the shared "
+                         "prompt then goes through the packed layout's mask)")
+    if cfg.gradient_checkpointing:
+        raise ValueError(f"{flag}: --gradient-checkpointing: {sequence_parallel.CHECKPOINTING}")
+    if cfg.use_weighting:
+        raise ValueError(f"{flag}: --use-weighting (WPO) is not supported under sequence parallelism")
+    if cfg.router_aux_loss_coef:
+        raise ValueError(f"{flag}: --router-aux-loss-coef (MoE) is not supported under sequence parallelism")
 
 
 @torch.no_grad()
@@ -407,8 +434,9 @@ def probe_head(model) -> None:
         warnings.warn(notice, stacklevel=2)
 
 
-def reference_model(cfg: TrainConfig, policy_model, device: torch.device):
+def reference_model(cfg: TrainConfig, policy_model, dist: Dist):
     """--ref-model, checked: a head fastdpo can fuse, the policy's vocabulary, the run's layout."""
+    device = dist.device
     ref = load_pretrained(cfg.ref_model, "--ref-model", cfg)
     probe_head(ref)
     output_head(ref)
@@ -417,6 +445,7 @@ def reference_model(cfg: TrainConfig, policy_model, device: torch.device):
                          "must read the same token ids")
     if cfg.share_prompt or cfg.packing:
         resolve_layout(cfg, ref, device)           # the layout must hold for both models
+    check_sequence_parallel(cfg, ref, dist, "--ref-model")
     if cfg.disable_dropout:
         disable_dropout(ref)
     return ref
@@ -426,13 +455,13 @@ def train(cfg: TrainConfig) -> dict:
     from tqdm.auto import tqdm
 
     with StopSignals() as stop, runs.RunLock(cfg.output_dir) as lock:
-        dist = Dist(cfg.fsdp)
-        out = runs.check_output_dir(cfg, dist.world, cache_dir(cfg))
+        dist = Dist(cfg.fsdp, cfg.sequence_parallel)
+        out = runs.check_output_dir(cfg, dist.dp, cache_dir(cfg))
         lock.hold(dist)                   # one writer per run directory (a new one is locked once it is made)
         ref_cache.remove_partial(cache_dir(cfg))
         device = dist.device
         dtype = compute_dtype(cfg, device)
-        if cfg.max_tokens and dist.world > 1:
+        if cfg.max_tokens and dist.dp > 1:
             raise ValueError("--max-tokens with several processes is not supported (the ranks' shares of a "
                              "micro-batch would differ); use --batch-size")
         if dtype == torch.float16 and dist.fsdp:
@@ -456,24 +485,26 @@ def train(cfg: TrainConfig) -> dict:
         except ValueError as e:
             raise ValueError(f"--router-aux-loss-coef: {e}") from None
         resolve_layout(cfg, model, device)
+        check_sequence_parallel(cfg, model, dist)
         if cfg.disable_dropout:
             disable_dropout(model)
         train_ex = prefs.tokenize(train_pairs, tokenizer, cfg.max_length, "train")
         eval_ex = prefs.tokenize(eval_pairs, tokenizer, cfg.max_length, "eval")
         pad = tokenizer.pad_token_id
         stream = MicroBatches(train_ex, cfg)       # a pair over --max-tokens fails here
-        ref_model = reference_model(cfg, model, device) if cfg.ref_model else None
+        ref_model = reference_model(cfg, model, dist) if cfg.ref_model else None
         model = with_lora(model, cfg)
         runs.start_run(cfg, dist, lock, runs.run_inputs(cfg, train_ex, eval_ex))
         source = model if ref_model is None else ref_model
         digest = None if cfg.reference_free else dist.from_main(ref_cache.model_digest(source) if dist.main else None)
-        policy = dist.wrap(ref_cache.Policy(model))    # on the device; with --fsdp sharded across the ranks
+        # on the device; with --fsdp sharded across the ranks; with --sequence-parallel each row split over a group
+        policy = dist.wrap(ref_cache.Policy(model, dist.sequence_group))
 
         # 2. reference log-probs, once, then no reference model is kept: the initial policy's (LoRA adapters on,
         #    B = 0), or --ref-model's, through the training pass's function on its micro-batches
         ref_train = ref_eval = None
         if not cfg.reference_free:
-            ref_policy = policy if ref_model is None else dist.wrap(ref_cache.Policy(ref_model))
+            ref_policy = policy if ref_model is None else dist.wrap(ref_cache.Policy(ref_model, dist.sequence_group))
             import transformers
             settings = dict(fastdpo=__version__, torch=torch.__version__, transformers=transformers.__version__,
                             device=device.type, dtype=str(dtype), world=dist.world, fsdp=dist.fsdp, pad=pad,
@@ -481,6 +512,8 @@ def train(cfg: TrainConfig) -> dict:
                             share_prompt=cfg.share_prompt, packing=cfg.packing, prompt_cache=cfg.prompt_cache,
                             span_attention=cfg.span_attention, max_tokens=cfg.max_tokens)
             settings["loss"] = cfg.loss_options()      # --ld-alpha weights the log-probs themselves
+            if dist.sp > 1:                             # the sums add in another order
+                settings["sequence_parallel"] = dist.sp
             ref_train = reference_logps("train", ref_policy, train_ex, pad, digest, {**settings, "seed": cfg.seed},
                                         cfg, dist, amp)
             ref_eval = reference_logps("eval", ref_policy, eval_ex, pad, digest, settings, cfg, dist, amp)
