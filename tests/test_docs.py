@@ -89,7 +89,7 @@ def train_commands():
     out = []
     for page in PAGES:
         for body in blocks(page.read_text(encoding="utf-8"), "bash"):
-            for line in body.splitlines():
+            for line in body.replace("\\\n", " ").splitlines():       # a command continued with "\" is one line
                 words = shlex.split(line, comments=True)
                 for i, (a, b) in enumerate(zip(words, words[1:])):
                     if a == "fastdpo" and b == "train":
