@@ -219,7 +219,7 @@ class FastDPOTrainer(DPOTrainer):
             given["args"] = DPOConfig(f"{name.split('/')[-1]}-DPO")
         config = given["args"]
         _refuse_options(config)
-        _refuse_sequence_split(config.parallelism_config, "DPOConfig.parallelism_config")
+        _refuse_sequence_split(getattr(config, "parallelism_config", None), "DPOConfig.parallelism_config")
         _loss_options(config)
         _check_inputs(model, given.get("ref_model"), config, given.get("train_dataset"),
                       given.get("processing_class"), given.get("peft_config"))
@@ -244,7 +244,8 @@ class FastDPOTrainer(DPOTrainer):
         reference), once: before TRL precomputes reference log-probs, else at the end of the constructor."""
         if self._fastdpo_checked:
             return
-        _refuse_sequence_split(self.accelerator.parallelism_config, "accelerate's parallelism_config")
+        _refuse_sequence_split(getattr(self.accelerator, "parallelism_config", None),
+                               "accelerate's parallelism_config")
         self._fastdpo_options = _loss_options(self.args)
         coef = _checked_model(self.model, self.args)
         if self.ref_model is not None:
