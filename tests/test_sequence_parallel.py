@@ -150,12 +150,13 @@ def worker(out: str, data: str) -> None:
     from fastdpo.sequence_parallel import SequenceGroup
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    if dist.get_world_size() == 4:              # 2 data-parallel groups of 2: one run
+    if dist.get_world_size() == 4:              # 2 data-parallel groups of 2: replicated, and under FSDP2
         from fastdpo.train import trainer
         from fastdpo.train.config import build
-        options = dict(TRAIN, dataset=data, sequence_parallel=2, output_dir=str(Path(out) / "grid"),
-                       cache_dir=str(Path(out) / "cache-grid"))
-        trainer.train(build(options, set(options)))
+        for name, extra in (("grid", {}), ("grid-fsdp", dict(fsdp=True))):
+            options = dict(TRAIN, dataset=data, sequence_parallel=2, output_dir=str(Path(out) / name),
+                           cache_dir=str(Path(out) / f"cache-{name}"), **extra)
+            trainer.train(build(options, set(options)))
         return
     group = SequenceGroup(dist.new_group([0, 1]), 2, dist.get_rank())
     start = time.perf_counter()
@@ -183,8 +184,8 @@ def _refused(model, size=2, **cfg):
     from types import SimpleNamespace
 
     from fastdpo.train.trainer import check_sequence_parallel
-    options = {**dict(prompt_cache=None, use_weighting=False, router_aux_loss_coef=0.0, gradient_checkpointing=False),
-               **cfg}
+    options = {**dict(prompt_cache=None, use_weighting=False, router_aux_loss_coef=0.0, gradient_checkpointing=False,
+                      disable_dropout=True), **cfg}
     with pytest.raises(ValueError) as e:
         check_sequence_parallel(SimpleNamespace(**options), model, SimpleNamespace(sp=size))
     return str(e.value)
@@ -204,6 +205,8 @@ def test_what_it_cannot_split_exactly_is_refused_in_one_line():
         "in the backward, outside the split attention")
     assert _refused(llama, use_weighting=True) == ("--sequence-parallel 2: --use-weighting (WPO) is not supported "
                                                    "under sequence parallelism")
+    assert _refused(llama, disable_dropout=False).startswith(
+        "--sequence-parallel 2: --no-disable-dropout is not supported under sequence parallelism")
     llama.config._attn_implementation = "flex_attention"
     assert _refused(llama) == ("--sequence-parallel 2: --model it runs eager and sdpa attention (verified), not "
                                "'flex_attention'")
@@ -288,11 +291,12 @@ def test_training_run_gives_the_single_process_losses(launched, run):
 
 @pytest.mark.slow
 def test_two_data_parallel_groups_of_two_give_the_single_process_losses(launched):
-    """4 processes (about 35 s more): the groups' shares of each micro-batch, gradients summed over a group and
-    averaged over the groups."""
+    """4 processes (about 45 s more): the groups' shares of each micro-batch, gradients summed over a group and
+    averaged over the groups, by the all-reduce and by FSDP2's divide factor (2 groups: not 1)."""
     tmp, _ = launched
     _launch(tmp, str(tmp / "small.jsonl"), 4)
     _assert_same_curve(tmp, "grid")
+    _assert_same_curve(tmp, "grid-fsdp")
 
 
 @pytest.mark.slow

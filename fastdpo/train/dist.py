@@ -92,6 +92,9 @@ class Dist:
             fully_shard(layer)      # moves this rank's shards to the current device
         fully_shard(policy)
         if self.sp > 1:             # a group's ranks hold partial gradients: their sum, averaged over the groups
+            if not hasattr(policy, "set_force_sum_reduction_for_comms"):
+                raise ValueError("--fsdp with --sequence-parallel needs PyTorch >= 2.8 (FSDP2's "
+                                 "set_gradient_divide_factor and set_force_sum_reduction_for_comms)")
             for unit in layers + [policy]:
                 unit.set_gradient_divide_factor(float(self.dp))
                 unit.set_force_sum_reduction_for_comms(True)      # a sum, then the division (gloo has no premul sum)

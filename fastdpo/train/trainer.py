@@ -227,6 +227,10 @@ def check_sequence_parallel(cfg: TrainConfig, model, dist: Dist, what: str = "--
         raise ValueError(f"{flag}: --use-weighting (WPO) is not supported under sequence parallelism")
     if cfg.router_aux_loss_coef:
         raise ValueError(f"{flag}: --router-aux-loss-coef (MoE) is not supported under sequence parallelism")
+    if not cfg.disable_dropout:
+        raise ValueError(f"{flag}: --no-disable-dropout is not supported under sequence parallelism (the ranks of a "
+                         "group would draw the same dropout masks for their shares of the heads and tokens, not the "
+                         "unsplit run's); drop --no-disable-dropout")
 
 
 @torch.no_grad()
@@ -462,8 +466,8 @@ def train(cfg: TrainConfig) -> dict:
         device = dist.device
         dtype = compute_dtype(cfg, device)
         if cfg.max_tokens and dist.dp > 1:
-            raise ValueError("--max-tokens with several processes is not supported (the ranks' shares of a "
-                             "micro-batch would differ); use --batch-size")
+            raise ValueError("--max-tokens with several data-parallel processes (or --sequence-parallel groups) is "
+                             "not supported (the ranks' shares of a micro-batch would differ); use --batch-size")
         if dtype == torch.float16 and dist.fsdp:
             raise ValueError("--torch-dtype float16 with --fsdp is not supported (loss scaling of sharded "
                              "gradients); use bfloat16")
