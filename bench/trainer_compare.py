@@ -191,11 +191,31 @@ def child_fastdpo(method: str, spec: dict) -> dict:
                 **memory.result())
 
 
+def trl_dataset(path: str, batch: int):
+    """The train rows of ``path`` as TRL reads them: fastdpo's first epoch, in order (every mode here trains within
+    one epoch, or on a single pair), for a sequential sampler."""
+    from datasets import Dataset
+    with open(path) as f:
+        rows = [r for r in map(json.loads, f) if r["split"] == "train"]
+    order = [i for idx in step_batches(len(rows), -(-len(rows) // batch), batch) for i in idx]
+    return Dataset.from_list([{k: rows[i][k] for k in ("prompt", "chosen", "rejected")} for i in order])
+
+
+def trl_config(out: str, batch: int, max_length, steps: int, gradient_checkpointing: bool = False):
+    """The DPOConfig every TRL method runs: fastdpo's optimizer settings, fp32 on the CPU, precomputed reference
+    log-probs, no eval or saving, the data read in order."""
+    from trl import DPOConfig
+    return DPOConfig(output_dir=out, per_device_train_batch_size=batch, max_length=max_length,
+                     precompute_ref_log_probs=True, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0,
+                     max_steps=steps, logging_steps=1, report_to=[], use_cpu=True, bf16=False, fp16=False,
+                     gradient_checkpointing=gradient_checkpointing, save_strategy="no", eval_strategy="no",
+                     train_sampling_strategy="sequential", seed=SEED, disable_tqdm=True, dataloader_num_workers=0)
+
+
 def child_trl(method: str, spec: dict) -> dict:
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     extra, positions = {}, lambda inputs: inputs["input_ids"].numel()
     if method.startswith("trl_fastdpo"):
@@ -203,11 +223,7 @@ def child_trl(method: str, spec: dict) -> dict:
         from fastdpo.integrations.trl import FastDPOTrainer as DPOTrainer     # the one-line swap
         extra = dict(pair_layout=False) if method == "trl_fastdpo_padded" else {}
         positions = _trl_layout.positions
-    with open(spec["data"]) as f:
-        rows = [r for r in map(json.loads, f) if r["split"] == "train"]
-    # fastdpo's first epoch, read in order (every mode here trains within one epoch, or on a single pair)
-    order = [i for idx in step_batches(len(rows), -(-len(rows) // spec["batch"]), spec["batch"]) for i in idx]
-    data = Dataset.from_list([{k: rows[i][k] for k in ("prompt", "chosen", "rejected")} for i in order])
+    data = trl_dataset(spec["data"], spec["batch"])
     times, cpu, tokens, memory = [], [], [], StepMemory(spec["warmup"], spec["steps"])
 
     class StepTimer(TrainerCallback):
@@ -227,11 +243,8 @@ def child_trl(method: str, spec: dict) -> dict:
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
-    args = DPOConfig(output_dir=spec["out"], per_device_train_batch_size=spec["batch"], max_length=spec["max_length"],
-                     precompute_ref_log_probs=True, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0,
-                     max_steps=spec["steps"], logging_steps=1, report_to=[], use_cpu=True, bf16=False, fp16=False,
-                     gradient_checkpointing=method == "trl_gc", save_strategy="no", eval_strategy="no",
-                     train_sampling_strategy="sequential", seed=SEED, disable_tqdm=True, dataloader_num_workers=0)
+    args = trl_config(spec["out"], spec["batch"], spec["max_length"], spec["steps"],
+                      gradient_checkpointing=method == "trl_gc")
     trainer = Counted(model=model, args=args, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(
         spec["model"]), callbacks=[StepTimer()], **extra)
     trainer.train()

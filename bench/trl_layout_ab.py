@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -38,7 +37,7 @@ import time
 
 from compare import emit, version
 import trainer_compare
-from trainer_compare import LR, PAIRS_PER_STEP, SEED, build_model, sampled_lengths, step_batches, write_pairs
+from trainer_compare import PAIRS_PER_STEP, SEED, build_model, sampled_lengths, trl_config, trl_dataset, write_pairs
 
 LABEL = {"layout": "FastDPOTrainer (pair layout)", "padded": "FastDPOTrainer, pair_layout=False",
          "trl": "TRL DPOTrainer"}
@@ -46,27 +45,19 @@ LABEL = {"layout": "FastDPOTrainer (pair layout)", "padded": "FastDPOTrainer, pa
 
 def trainers(model_dir: str, data_path: str, steps: int, out: str, names: tuple) -> dict:
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     from fastdpo.integrations.trl import FastDPOTrainer
 
-    with open(data_path) as f:
-        rows = [r for r in map(json.loads, f) if r["split"] == "train"]
-    order = [i for idx in step_batches(len(rows), -(-len(rows) // PAIRS_PER_STEP), PAIRS_PER_STEP) for i in idx]
-    data = Dataset.from_list([{k: rows[i][k] for k in ("prompt", "chosen", "rejected")} for i in order])
+    data = trl_dataset(data_path, PAIRS_PER_STEP)
     made = {}
     for name, cls, extra in (("layout", FastDPOTrainer, {}), ("padded", FastDPOTrainer, dict(pair_layout=False)),
                              ("trl", DPOTrainer, {})):
         if name not in names:
             continue
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-        args = DPOConfig(output_dir=os.path.join(out, name), per_device_train_batch_size=PAIRS_PER_STEP,
-                         max_length=None, precompute_ref_log_probs=True, learning_rate=LR,
-                         lr_scheduler_type="linear", warmup_steps=0, max_steps=steps, report_to=[], use_cpu=True,
-                         bf16=False, fp16=False, gradient_checkpointing=False, save_strategy="no", eval_strategy="no",
-                         train_sampling_strategy="sequential", seed=SEED, disable_tqdm=True, dataloader_num_workers=0)
+        args = trl_config(os.path.join(out, name), PAIRS_PER_STEP, None, steps)
         trainer = cls(model=model, args=args, train_dataset=data,
                       processing_class=AutoTokenizer.from_pretrained(model_dir), **extra)
         trainer.create_optimizer_and_scheduler(num_training_steps=steps)
