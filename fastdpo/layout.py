@@ -90,8 +90,10 @@ def _check_pairs(pairs):
 
 
 def _targets(rows: list, B: int):
-    """[(flat index, label), ...] per scored sequence (2B of them) -> index [2B, T], labels [2B, T]."""
-    T = max(len(r) for r in rows)
+    """[(flat index, label), ...] per scored sequence (2B of them) -> index [2B, T], labels [2B, T]. T is at least 1:
+    a batch that scores nothing (one-token sequences: an empty prompt, a reply of only EOS) keeps one unscored column,
+    so that its log-probs are 0 and its gradients 0, as TRL's DPOTrainer gives, rather than an empty head input."""
+    T = max([1, *(len(r) for r in rows)])
     index = torch.zeros(2 * B, T, dtype=torch.long)
     labels = torch.full((2 * B, T), -100, dtype=torch.long)
     for s, r in enumerate(rows):

@@ -201,3 +201,22 @@ def test_two_process_ddp_layout_matches_dpo_trainer(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     histories = json.loads(out.read_text())
     assert_same_steps(histories["FastDPOTrainer"], histories["DPOTrainer"], "ddp", STEPS)
+
+
+@pytest.mark.parametrize("pair_layout", [True, False], ids=["layout", "padded"])
+def test_a_batch_that_scores_nothing_trains_as_dpo_trainer(pair_layout, tmp_path):
+    """One pair per step, some pairs one token long (an empty prompt, a reply of only EOS): such a batch scores
+    nothing, and DPOTrainer logs log-probs 0, loss log 2 and grad_norm 0 for it; so does FastDPOTrainer (it used to
+    stop mid-run on an empty head input)."""
+    data = Dataset.from_dict({"prompt": ["", "w1 w2", "", "w3"], "chosen": ["", " w4", "", " w5 w6"],
+                              "rejected": ["", " w7", " w8", " w9"]})
+    histories = {}
+    for cls, extra in ((DPOTrainer, {}), (FastDPOTrainer, dict(pair_layout=pair_layout))):
+        args = config(tmp_path / cls.__name__)
+        args.per_device_train_batch_size, args.max_steps = 1, len(data)
+        trainer = cls(model=make_model(seed=0), ref_model=make_model(seed=1), args=args, train_dataset=data,
+                      processing_class=make_tokenizer(), **extra)
+        trainer.train()
+        histories[cls] = [h for h in trainer.state.log_history if "loss" in h]
+    assert histories[DPOTrainer][0]["grad_norm"] == 0.0 and histories[DPOTrainer][0]["logps/chosen"] == 0.0
+    assert_same_steps(histories[FastDPOTrainer], histories[DPOTrainer], "scores nothing", len(data))

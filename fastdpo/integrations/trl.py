@@ -198,6 +198,19 @@ def _layout_wanted(pair_layout, padding_free):
     return True if padding_free else pair_layout
 
 
+def _scorable(inputs: dict) -> dict:
+    """TRL's padded batch with at least 2 positions. A batch of one-token sequences (empty prompts, replies of only
+    EOS) scores nothing, and TRL's DPOTrainer gives it log-probs 0; fastdpo's head needs a position to predict from,
+    so one more padding column (masked, not scored) is added, which changes nothing else."""
+    if inputs["input_ids"].shape[1] >= 2:
+        return inputs
+    widened = dict(inputs)
+    for key in ("input_ids", "attention_mask", "completion_mask", "position_ids"):
+        if key in inputs:
+            widened[key] = torch.nn.functional.pad(inputs[key], (0, 1))
+    return widened
+
+
 def _labels(inputs) -> torch.Tensor:
     """TRL's labels: the completion tokens, -100 elsewhere (Hugging Face style, shifted inside fastdpo)."""
     return inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
@@ -295,6 +308,7 @@ class FastDPOTrainer(DPOTrainer):
         """[2B] log-probs of a TRL batch (LD-DPO-weighted under ld_alpha, as TRL's)."""
         if _trl_layout.is_layout_batch(inputs):
             return _trl_layout.pair_logps(model, inputs, self._fastdpo_layout, self.ld_alpha)
+        inputs = _scorable(inputs)
         kwargs = {k: inputs[k] for k in MODEL_INPUTS[1:] if k in inputs}
         if self.ld_alpha is None:
             return model_sequence_logps(model, inputs["input_ids"], _labels(inputs), **kwargs)
@@ -318,9 +332,11 @@ class FastDPOTrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
+        layout = _trl_layout.is_layout_batch(inputs)
+        if not layout:
+            inputs = _scorable(inputs)
         model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
         extra = sorted(set(model_inputs) - set(MODEL_INPUTS))
-        layout = _trl_layout.is_layout_batch(inputs)
         if layout and return_outputs:
             raise ValueError("FastDPOTrainer: return_outputs=True (the logits for compute_metrics) needs TRL's padded "
                              "batches: pass pair_layout=False")
