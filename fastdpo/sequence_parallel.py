@@ -48,8 +48,9 @@ NAME = "fastdpo_ulysses"
 # subset or a slice, so other classes are refused until checked.
 VERIFIED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM")
 IMPLEMENTATIONS = ("eager", "sdpa")
-CHECKPOINTING = ("gradient checkpointing is not supported: its recompute runs in the backward, outside the split "
-                 "attention")
+CHECKPOINTING = ("gradient checkpointing recomputes attention in the backward, after the split attention is gone: "
+                 "hold `with fastdpo.sequence_parallel.ulysses(model, group):` around the forward and the backward "
+                 "(fastdpo train does)")
 
 
 @dataclass(frozen=True)
@@ -130,14 +131,41 @@ def ulysses_attention(module, query, key, value, attention_mask, *args, **kwargs
     return AllToAll.apply(out.contiguous(), 1, 2, sp), None                  # [R, L/N, H, d]
 
 
+def _installed(config) -> bool:
+    """Whether ``config`` selects ``ulysses_attention`` (inside ``ulysses``)."""
+    return getattr(config, "_attn_implementation", None) == NAME and id(config) in _ACTIVE
+
+
+def _configs(model) -> list:
+    return list({id(c): c for c in [model.config] + [getattr(m, "config", None) for m in model.modules()]
+                 if c is not None}.values())
+
+
+@contextlib.contextmanager
+def _inner_selected(model):
+    """Within: the configs ``ulysses`` holds select their own attention again (for what reads the choice outside
+    the forward, e.g. the mask's format)."""
+    held = [c for c in _configs(model) if _installed(c)]
+    for c in held:
+        _set_implementation(c, _ACTIVE[id(c)][0])
+    try:
+        yield
+    finally:
+        for c in held:
+            _set_implementation(c, NAME)
+
+
 @contextlib.contextmanager
 def ulysses(model, sp: SequenceGroup):
     """Within: every config of ``model`` that selects an attention function selects ``ulysses_attention`` around it
-    (inside ``_attention.spans_attention``: around span attention)."""
+    (inside ``_attention.spans_attention``: around span attention). Entered again inside, it changes nothing.
+
+    Gradient checkpointing recomputes each layer's attention in the backward, through the function its config
+    selects then: with it, hold this around the forward and the backward (the span route is then off: span
+    attention selects sdpa configs only)."""
     from transformers import AttentionInterface
     AttentionInterface.register(NAME, ulysses_attention)
-    configs = {id(c): c for c in [model.config] + [getattr(m, "config", None) for m in model.modules()]
-               if c is not None and getattr(c, "_attn_implementation", None) not in (None, NAME)}
+    configs = {id(c): c for c in _configs(model) if getattr(c, "_attn_implementation", None) not in (None, NAME)}
     saved = {i: c._attn_implementation for i, c in configs.items()}
     for i, c in configs.items():
         _ACTIVE[i] = (saved[i], sp)
@@ -160,7 +188,7 @@ def sequence_parallel_unavailable(model, size: int) -> Optional[str]:
     if name not in VERIFIED:
         return f"{name} is not among the classes verified under it ({', '.join(VERIFIED)})"
     config = base.config
-    impl = getattr(config, "_attn_implementation", None) or "eager"
+    impl = (_ACTIVE[id(config)][0] if _installed(config) else getattr(config, "_attn_implementation", None)) or "eager"
     if impl not in IMPLEMENTATIONS:
         return f"it runs {' and '.join(IMPLEMENTATIONS)} attention (verified), not {impl!r}"
     for field in ("num_attention_heads", "num_key_value_heads"):
@@ -206,14 +234,16 @@ def _local_hidden(model, batch: PackedBatch, attention: str, sp: SequenceGroup):
     base = _base(model)
     check_layout_support(base)
     why = sequence_parallel_unavailable(base, sp.size)
-    if why is None and base.training and _checkpointing(base):
+    if why is None and base.training and _checkpointing(base) and not _installed(base.config):
         why = CHECKPOINTING
     if why:
         raise ValueError(f"sequence parallelism over {sp.size} ranks: {why}")
     backbone = head_rule(base).backbone_of(base)
     device = batch.input_ids.device
-    by_span = _span_route(base, device.type, attention)
-    masks = attention_masks(batch, base.config, _mask_dtype(base, device.type), with_spans=by_span)
+    held = _installed(base.config)       # around the backward too (gradient checkpointing): never span
+    with _inner_selected(base):
+        by_span = not held and _span_route(base, device.type, attention)
+        masks = attention_masks(batch, base.config, _mask_dtype(base, device.type), with_spans=by_span)
     width = batch.input_ids.shape[1] // sp.size
     cols = slice(sp.rank * width, (sp.rank + 1) * width)
     with spans_attention(base) if by_span else contextlib.nullcontext(), ulysses(base, sp):

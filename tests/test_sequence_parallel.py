@@ -6,9 +6,10 @@ file fast: (1) for tiny Llama (sdpa: span attention, and the dense mask), Qwen2 
 attention softcap, sliding window 4, which cuts into the prompts here), with the shared prompt + packing and with
 the plain layout (one padded sequence per row), each over rows of an odd length (so they are padded to a multiple
 of 2): the log-probs, the loss and every parameter gradient (summed over the group, as the trainer reduces them)
-equal the unsplit run's within MODEL_RTOL; (2) ``fastdpo train --sequence-parallel 2`` runs (data parallel and
-FSDP) give the single-process run's losses and gradient norms, and a run interrupted after its step-2 checkpoint
-and resumed gives the uninterrupted run's. A second launch, of 4 processes, trains with 2 data-parallel groups of 2.
+equal the unsplit run's within MODEL_RTOL; (2) ``fastdpo train --sequence-parallel 2`` runs (data parallel, and
+FSDP with gradient checkpointing, whose recompute must attend through the split attention too) give the
+single-process run's losses and gradient norms, and a run interrupted after its step-2 checkpoint and resumed gives
+the uninterrupted run's. A second launch, of 4 processes, trains with 2 data-parallel groups of 2.
 """
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ def train_runs(out: Path, data: str) -> None:
                        cache_dir=str(out / "cache-sp"), **extra)
         return trainer.train(build(options, set(options)))
     run("sp")
-    run("fsdp", fsdp=True)
+    run("fsdp+checkpointing", fsdp=True, gradient_checkpointing=True)    # recompute through the split attention
     real, calls = trainer.pair_loss, []
 
     def pair_loss_or_die(policy, *args, **kwargs):   # every rank: killed at step 3 (the checkpoint is step 2)
@@ -200,9 +201,6 @@ def test_what_it_cannot_split_exactly_is_refused_in_one_line():
     assert _refused(llama, 4) == ("--sequence-parallel 4: --model num_key_value_heads (2) must be divisible by it "
                                   "(each rank attends with a 1/4 of the heads)")
     assert _refused(llama, prompt_cache=True).startswith("--sequence-parallel 2: the prompt-cache route is not split")
-    assert _refused(llama, gradient_checkpointing=True) == (
-        "--sequence-parallel 2: --gradient-checkpointing: gradient checkpointing is not supported: its recompute runs "
-        "in the backward, outside the split attention")
     assert _refused(llama, use_weighting=True) == ("--sequence-parallel 2: --use-weighting (WPO) is not supported "
                                                    "under sequence parallelism")
     assert _refused(llama, disable_dropout=False).startswith(
@@ -284,7 +282,7 @@ def _assert_same_curve(tmp: Path, run: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["sp", "fsdp"])
+@pytest.mark.parametrize("run", ["sp", "fsdp+checkpointing"])
 def test_training_run_gives_the_single_process_losses(launched, run):
     _assert_same_curve(launched[0], run)
 

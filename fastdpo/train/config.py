@@ -115,8 +115,8 @@ class TrainConfig:
                                     "many processes (Ulysses attention: each attends over the whole row with a "
                                     "share of the heads); it must divide the number of processes, the rest are "
                                     "data parallel. Llama, Qwen2 and Gemma2 (verified), eager or sdpa attention, "
-                                    "heads and key/value heads divisible by it; not with the prompt cache, "
-                                    "gradient checkpointing or dropout",
+                                    "heads and key/value heads divisible by it; not with the prompt cache "
+                                    "or dropout",
                                  at_least=1)
     seed: int = opt(0, "seed of the model init, data order and everything random", at_least=0)
     lora_r: int = opt(0, "LoRA rank (0: train all weights); the reference is the initial policy", at_least=0)

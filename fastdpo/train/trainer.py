@@ -8,6 +8,7 @@ The loss runs inside one forward (``ref_cache.Policy``) that FSDP can shard. Wei
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -221,8 +222,6 @@ def check_sequence_parallel(cfg: TrainConfig, model, dist: Dist, what: str = "--
     if cfg.prompt_cache:
         raise ValueError(f"{flag}: the prompt-cache route is not split over ranks; drop --prompt-cache (the shared "
                          "prompt then goes through the packed layout's mask)")
-    if cfg.gradient_checkpointing:
-        raise ValueError(f"{flag}: --gradient-checkpointing: {sequence_parallel.CHECKPOINTING}")
     if cfg.use_weighting:
         raise ValueError(f"{flag}: --use-weighting (WPO) is not supported under sequence parallelism")
     if cfg.router_aux_loss_coef:
@@ -458,7 +457,7 @@ def reference_model(cfg: TrainConfig, policy_model, dist: Dist):
 def train(cfg: TrainConfig) -> dict:
     from tqdm.auto import tqdm
 
-    with StopSignals() as stop, runs.RunLock(cfg.output_dir) as lock:
+    with StopSignals() as stop, runs.RunLock(cfg.output_dir) as lock, contextlib.ExitStack() as scope:
         dist = Dist(cfg.fsdp, cfg.sequence_parallel)
         out = runs.check_output_dir(cfg, dist.dp, cache_dir(cfg))
         lock.hold(dist)                   # one writer per run directory (a new one is locked once it is made)
@@ -526,6 +525,8 @@ def train(cfg: TrainConfig) -> dict:
         # 3. loop
         if cfg.gradient_checkpointing:       # transformers >= 5.2x names it activation checkpointing
             (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+            if dist.sequence_group is not None:     # the backward's recompute attends as the forward did
+                scope.enter_context(sequence_parallel.ulysses(model, dist.sequence_group))
         policy.train()
         params = [p for p in policy.parameters() if p.requires_grad]
         # fused: one kernel per step (the HF Trainer's default, adamw_torch_fused); on the CPU torch's default is
