@@ -4,12 +4,12 @@ against one.
 One launch (``torchrun --nproc-per-node 2`` of this file) does everything that needs the 2 processes, to keep the
 file fast: (1) for tiny Llama (sdpa: span attention, and the dense mask), Qwen2 (tied embeddings) and Gemma2 (eager:
 attention softcap, sliding window 4, which cuts into the prompts here), with the shared prompt + packing and with
-the plain layout (one padded sequence per row), each over rows of an odd length (so they are padded to a multiple
-of 2): the log-probs, the loss and every parameter gradient (summed over the group, as the trainer reduces them)
-equal the unsplit run's within MODEL_RTOL; (2) ``fastdpo train --sequence-parallel 2`` runs (data parallel, and
-FSDP with gradient checkpointing, whose recompute must attend through the split attention too) give the
-single-process run's losses and gradient norms, and a run interrupted after its step-2 checkpoint and resumed gives
-the uninterrupted run's. A second launch, of 4 processes, trains with 2 data-parallel groups of 2.
+the plain layout (one padded sequence per row), and Llama with LoRA adapters, each over rows of an odd length (so
+they are padded to a multiple of 2): the log-probs, the loss and every parameter gradient (summed over the group, as
+the trainer reduces them) equal the unsplit run's within MODEL_RTOL; (2) ``fastdpo train --sequence-parallel 2``
+runs (data parallel, and FSDP with gradient checkpointing, whose recompute must attend through the split attention
+too) give the single-process run's losses and gradient norms, and a run interrupted after its step-2 checkpoint and
+resumed gives the uninterrupted run's. A second launch, of 4 processes, trains with 2 data-parallel groups of 2.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ FAMILIES = ["llama", "qwen2-tied", "gemma2-softcap"]
 CASES = [(f, layout, "auto", {}) for f in FAMILIES for layout in ("shared+packed", "plain")] + [
     ("llama", "shared+packed", "dense", {}),
     ("qwen2-tied", "shared+packed", "auto", dict(loss_type="ipo", ld_alpha=0.5)),
+    ("llama", "shared+packed", "auto", dict(lora=True)),      # LoRA adapters (peft) on q/v, B not zero
 ]
 TRAIN = dict(steps=3, batch_size=4, eval_every=2, save_every=2, warmup_steps=1, progress=False)
 
@@ -83,6 +84,8 @@ def model_checks(group) -> list:
     rows = []
     for case in CASES:
         family, layout, attention, options = case
+        options = dict(options)
+        lora = options.pop("lora", False)
         if layout == "plain":
             batch = pack_pairs(pairs, 0, share_prompt=False, packing=False)
             ids, mask, labels = collate([Example(*p) for p in pairs], 0)
@@ -98,6 +101,11 @@ def model_checks(group) -> list:
         results = {}
         for name in ("unsplit", "split"):
             model = tiny(family)
+            if lora:
+                from peft import LoraConfig, get_peft_model
+                torch.manual_seed(1)
+                model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False))
             model.train()
             if name == "unsplit":
                 loss, _, logps = unsplit(model)
