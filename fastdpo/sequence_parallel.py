@@ -46,7 +46,8 @@ NAME = "fastdpo_ulysses"
 # unsplit run (tests/test_sequence_parallel.py): an attention function that reads per-head parameters (sinks,
 # per-head scales) or a layer that mixes tokens outside attention (state-space layers) would be wrong on a head
 # subset or a slice, so other classes are refused until checked.
-VERIFIED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM")
+VERIFIED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+            "Gemma3ForCausalLM", "Phi3ForCausalLM")
 IMPLEMENTATIONS = ("eager", "sdpa")
 CHECKPOINTING = ("gradient checkpointing recomputes attention in the backward, after the split attention is gone: "
                  "hold `with fastdpo.sequence_parallel.ulysses(model, group):` around the forward and the backward "

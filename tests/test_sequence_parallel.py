@@ -32,7 +32,7 @@ CASES = [(f, layout, "auto", {}) for f in FAMILIES for layout in ("shared+packed
     ("llama", "shared+packed", "dense", {}),
     ("qwen2-tied", "shared+packed", "auto", dict(loss_type="ipo", ld_alpha=0.5)),
     ("llama", "shared+packed", "auto", dict(lora=True)),      # LoRA adapters (peft) on q/v, B not zero
-]
+] + [(f, "shared+packed", "auto", {}) for f in ("qwen3", "mistral-sliding-window", "gemma3-softcap", "phi3")]
 TRAIN = dict(steps=3, batch_size=4, eval_every=2, save_every=2, warmup_steps=1, progress=False)
 
 
@@ -203,9 +203,10 @@ def _refused(model, size=2, **cfg):
 def test_what_it_cannot_split_exactly_is_refused_in_one_line():
     from families import tiny
     llama = tiny("llama")                   # 4 heads, 2 key/value heads
-    assert _refused(tiny("mistral-sliding-window")) == (
-        "--sequence-parallel 2: --model MistralForCausalLM is not among the classes verified under it "
-        "(LlamaForCausalLM, Qwen2ForCausalLM, Gemma2ForCausalLM)")
+    assert _refused(tiny("gpt-neox")) == (
+        "--sequence-parallel 2: --model GPTNeoXForCausalLM is not among the classes verified under it "
+        "(LlamaForCausalLM, Qwen2ForCausalLM, Gemma2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, "
+        "Gemma3ForCausalLM, Phi3ForCausalLM)")
     assert _refused(llama, 4) == ("--sequence-parallel 4: --model num_key_value_heads (2) must be divisible by it "
                                   "(each rank attends with a 1/4 of the heads)")
     assert _refused(llama, prompt_cache=True).startswith("--sequence-parallel 2: the prompt-cache route is not split")

@@ -114,7 +114,8 @@ class TrainConfig:
     sequence_parallel: int = opt(1, "under torchrun: split each micro-batch's rows along the sequence over this "
                                     "many processes (Ulysses attention: each attends over the whole row with a "
                                     "share of the heads); it must divide the number of processes, the rest are "
-                                    "data parallel. Llama, Qwen2 and Gemma2 (verified), eager or sdpa attention, "
+                                    "data parallel. Llama, Qwen2, Qwen3, Mistral, Gemma2, Gemma3 and Phi3 "
+                                    "(verified), eager or sdpa attention, "
                                     "heads and key/value heads divisible by it; not with the prompt cache "
                                     "or dropout",
                                  at_least=1)
@@ -158,9 +159,8 @@ class TrainConfig:
                    "f_alpha_divergence_coef", "ld_alpha", "use_weighting", "torch_dtype", "attn_implementation",
                    "max_length", "beta", "router_aux_loss_coef",
                    "loss_type", "batch_size", "max_tokens", "grad_accum", "lr", "weight_decay", "warmup_steps",
-                   "schedule", "max_grad_norm", "disable_dropout", "share_prompt", "packing", "prompt_cache", "span_attention",
-                   "seed", "lora_r",
-                   "lora_alpha", "lora_dropout", "lora_target_modules")
+                   "schedule", "max_grad_norm", "disable_dropout", "share_prompt", "packing", "prompt_cache",
+                   "span_attention", "seed", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
