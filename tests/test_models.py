@@ -168,9 +168,17 @@ def test_bad_arguments_name_themselves():
         fastdpo.model_sequence_logps(model, ids[:, :1], labels[:, :1])
 
 
+TABLE_FROM = "5.25"      # the transformers release whose causal-LM classes heads.HEADS was written from
+
+
 def test_every_table_entry_is_a_transformers_class():
-    for name in heads.HEADS:
-        assert hasattr(transformers, name), name
+    """A typo in the head table is caught here (on CI's newest transformers); an older release lacks the classes
+    added after it (the GPU machine runs 5.17), which the table may name without harm: looked up by class name."""
+    from packaging.version import Version
+    missing = [name for name in heads.HEADS if not hasattr(transformers, name)]
+    if missing and Version(transformers.__version__) < Version(TABLE_FROM):
+        pytest.skip(f"transformers {transformers.__version__} predates {len(missing)} of the table's classes")
+    assert not missing, missing
 
 
 # ------------------------------------------------------------------------------------------------ MoE router loss
