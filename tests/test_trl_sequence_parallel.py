@@ -1,0 +1,191 @@
+"""FastDPOTrainer under accelerate's sequence parallelism (DeepSpeed, ``sp_size=2``) gives the single process's DPO.
+
+One launch (``torchrun --nproc-per-node 2`` of this file, gloo, ``DS_ACCELERATOR=cpu``) trains each case with
+``ParallelismConfig(sp_size=2)`` under DeepSpeed ZeRO-3 or ZeRO-2, the pair layout on, fp32: both ranks form one
+sequence-parallel group, so each step is one rank's batch, split along the sequence. The pytest process trains the
+same cases on one process without DeepSpeed (the same model, data, seed and batches in the same order). Every
+step's loss, grad_norm, rewards and logps must agree within test_trl_scale's RTOL, and num_tokens exactly. The
+launch takes about 1.5 minutes on 2 busy cores; the setup (tokenizer, data, model) is test_trl_scale's.
+
+Checked by hand that this fails when it should (2026-12-07): with ``SumOverGroup`` returning the rank's own partial
+sums the step-1 loss and grad_norm differ from the single process's by ~1e-1 relative; with the loss doubled on
+every rank (gradients summed twice over the group) the step-1 grad_norm differs by a factor 2.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+SP = 2
+# case id -> options: the ZeRO stage, ref (a separate reference model; else the policy's own, on the fly or
+# precomputed), precompute (precompute_ref_log_probs, run unsplit on each rank's own batches), eval (an evaluation
+# after the last step, unsplit on each rank's own batches)
+CASES = {"zero3-ref-eval": dict(stage=3, ref=True, eval=True),
+         "zero3-precompute": dict(stage=3, precompute=True),
+         "zero2-ref": dict(stage=2, ref=True)}
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")
+COMPARED = ("loss", "grad_norm", *METRICS, "num_tokens")
+EVAL_COMPARED = ("eval_loss", *(f"eval_{k}" for k in METRICS))
+
+
+def _model(seed: int):
+    from test_trl_scale import _model as make
+    model = make(seed, tied=False)
+    model.config._attn_implementation = "sdpa"       # the core attention under accelerate's sequence parallelism
+    return model
+
+
+def _args(case: dict, out: Path, sp: bool):
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+    from test_trl_parity import BETA
+    from test_trl_scale import PAIRS_PER_STEP, STEPS, zero
+    from trl import DPOConfig
+    engine = {}
+    if case.get("eval"):
+        engine = dict(eval_strategy="steps", eval_steps=STEPS, per_device_eval_batch_size=PAIRS_PER_STEP)
+    if sp:
+        engine |= dict(deepspeed=zero(case["stage"]), accelerator_config={"use_configured_state": True},
+                      ddp_backend="gloo",
+                      parallelism_config=ParallelismConfig(sp_size=SP, sp_backend="deepspeed", sp_handler=(
+                          DeepSpeedSequenceParallelConfig(sp_attn_implementation="sdpa"))))
+    return DPOConfig(output_dir=str(out), report_to=[], bf16=False, fp16=False, gradient_checkpointing=False,
+                     per_device_train_batch_size=PAIRS_PER_STEP, max_steps=STEPS, learning_rate=1e-2,
+                     logging_steps=1, save_strategy="no", beta=BETA, seed=0, disable_tqdm=True,
+                     precompute_ref_log_probs=case.get("precompute", False), **engine)
+
+
+def _train(case_id: str, out: Path, sp: bool) -> list:
+    from test_trl_parity import make_dataset, make_tokenizer
+    from test_trl_scale import _dataset
+
+    from fastdpo.integrations.trl import FastDPOTrainer
+    case = CASES[case_id]
+    trainer = FastDPOTrainer(model=_model(0), ref_model=_model(1) if case.get("ref") else None,
+                             args=_args(case, out / case_id, sp), train_dataset=_dataset(out),
+                             eval_dataset=make_dataset(seed=3) if case.get("eval") else None,
+                             processing_class=make_tokenizer())
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h or "eval_loss" in h]
+
+
+def worker(out: str) -> None:
+    import deepspeed.ops
+    import torch
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+    from deepspeed.utils import groups
+    from test_trl_scale import _engine_state
+    torch.set_num_threads(1)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False        # see test_trl_scale.worker
+    results = {}
+    for case_id in CASES:
+        _engine_state("zero")
+        # the previous trainer's sequence-parallel groups (DeepSpeed keeps one set per process)
+        parallel_state_sp._release_sequence_parallel_groups()
+        groups.mpu = None
+        results[case_id] = _train(case_id, Path(out), sp=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (Path(out) / "results.json").write_text(json.dumps(results))
+
+
+def _launch(out: Path) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(SP), "--master-port",
+               str(29400 + os.getpid() % 100), str(Path(__file__)), str(out)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_sequence_parallel_steps_equal_the_single_process(tmp_path):
+    pytest.importorskip("trl")
+    pytest.importorskip("deepspeed")
+    from accelerate.state import AcceleratorState
+    from test_trl_scale import RTOL, STEPS
+    split = _launch(tmp_path / "sp")
+    for case_id in CASES:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        want, got = _train(case_id, tmp_path / "single", sp=False), split[case_id]
+        steps = [h for h in want if "loss" in h]
+        assert len(got) == len(want) == STEPS + bool(CASES[case_id].get("eval")) and len(steps) == STEPS, (
+            f"{case_id}: {len(got)} and {len(want)} logged entries")
+        for step, (g, w) in enumerate(zip(got, want)):
+            for key in COMPARED if "loss" in w else EVAL_COMPARED:
+                what = f"{case_id} entry {step} {key}: sp_size={SP} {g[key]!r} vs one process {w[key]!r}"
+                if key.endswith(("rewards/accuracies", "num_tokens")):
+                    assert g[key] == w[key], what
+                else:
+                    scale = abs(w[key])
+                    if key.endswith("rewards/margins"):
+                        prefix = key[:-len("rewards/margins")]
+                        scale = max(scale, abs(w[prefix + "rewards/chosen"]), abs(w[prefix + "rewards/rejected"]))
+                    assert abs(g[key] - w[key]) <= RTOL * scale, what
+
+# ------------------------------------------------------------------------------ refused up front, in one line each
+
+def _refused(tmp_path, monkeypatch, sp=SP, model=None, ref_model=None, pair_layout=None, attention="sdpa",
+             **options) -> str:
+    """FastDPOTrainer's error under ``ParallelismConfig(sp_size=sp)`` (sp_attn_implementation ``attention``),
+    raised before TRL's constructor runs."""
+    pytest.importorskip("trl")
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+    from test_integration_trl import config
+    from test_trl_parity import make_dataset, make_tokenizer
+    from trl import DPOTrainer
+
+    from fastdpo.integrations.trl import FastDPOTrainer
+    monkeypatch.setattr(DPOTrainer, "__init__", lambda *a, **k: pytest.fail("TRL's constructor ran"))
+    handler = DeepSpeedSequenceParallelConfig(sp_attn_implementation=attention)
+    parallelism = ParallelismConfig(sp_size=sp, sp_backend="deepspeed", sp_handler=handler)
+    if options.pop("cp", False):
+        parallelism = ParallelismConfig(cp_size=2)
+    with pytest.raises(ValueError) as e:
+        FastDPOTrainer(model=model if model is not None else _model(0), ref_model=ref_model,
+                       args=config(tmp_path, parallelism_config=parallelism, **options), pair_layout=pair_layout,
+                       train_dataset=make_dataset(), processing_class=make_tokenizer())
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_what_cannot_be_split_exactly_is_refused(tmp_path, monkeypatch):
+    from test_trl_parity import make_model, make_moe
+    refused = functools.partial(_refused, tmp_path, monkeypatch)
+    head = "FastDPOTrainer: sp_size=2 (DPOConfig.parallelism_config): "
+    assert refused(pair_layout=False).startswith(head + "pair_layout=False is not supported under sequence "
+                                                 "parallelism: FastDPOTrainer splits the pair layout's packed rows")
+    assert refused(gradient_checkpointing=True) == (
+        head + "gradient_checkpointing=True: gradient checkpointing is not supported: its recompute runs in the "
+        "backward, outside the split attention")
+    assert refused(disable_dropout=False).startswith(head + "disable_dropout=False is not supported under sequence "
+                                                     "parallelism")
+    assert refused(use_weighting=True) == head + "use_weighting=True (WPO) is not supported under sequence parallelism"
+    assert refused(sp=4) == ("FastDPOTrainer: sp_size=4: the model num_attention_heads (2) must be divisible by it "
+                             "(each rank attends with a 1/4 of the heads)")
+    assert refused(model=make_moe("mixtral", 0)).startswith(
+        "FastDPOTrainer: sp_size=2: the model MixtralForCausalLM is not among the classes verified under it")
+    eager = ("runs 'eager' attention and ParallelismConfig's sp_attn_implementation is 'sdpa': under sequence "
+             "parallelism both must be 'sdpa'")
+    assert refused(model=make_model(0)).startswith("FastDPOTrainer: sp_size=2: the model " + eager)
+    assert refused(ref_model=make_model(1)).startswith("FastDPOTrainer: sp_size=2: the ref_model " + eager)
+    assert refused(attention="flash_attention_2").startswith(
+        "FastDPOTrainer: sp_size=2: the model runs 'sdpa' attention and ParallelismConfig's sp_attn_implementation "
+        "is 'flash_attention_2'")
+    assert refused(cp=True).startswith("FastDPOTrainer: cp_size=2 (DPOConfig.parallelism_config) is not supported: "
+                                       "FSDP2's context parallelism (ring attention) takes no custom mask")
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
