@@ -1,15 +1,17 @@
 """FastDPOTrainer under accelerate's sequence parallelism (DeepSpeed, ``sp_size=2``) gives the single process's DPO.
 
 One launch (``torchrun --nproc-per-node 2`` of this file, gloo, ``DS_ACCELERATOR=cpu``) trains each case with
-``ParallelismConfig(sp_size=2)`` under DeepSpeed ZeRO-3 or ZeRO-2, the pair layout on, fp32: both ranks form one
-sequence-parallel group, so each step is one rank's batch, split along the sequence. The pytest process trains the
-same cases on one process without DeepSpeed (the same model, data, seed and batches in the same order). Every
-step's loss, grad_norm, rewards and logps must agree within test_trl_scale's RTOL, and num_tokens exactly. The
-launch takes about 1.5 minutes on 2 busy cores; the setup (tokenizer, data, model) is test_trl_scale's.
+``ParallelismConfig(sp_size=2)`` under DeepSpeed ZeRO-3 or ZeRO-2, the pair layout on (span attention), fp32: both
+ranks form one sequence-parallel group, so each step is one rank's batch, split along the sequence. The pytest
+process trains the same cases on one process without DeepSpeed (the same model, data, seed, and batches in the same
+order). Every step's loss, grad_norm, rewards and logps (and the evaluation's) must agree within test_trl_scale's
+RTOL, num_tokens and accuracies exactly; a run resumed from the step-1 checkpoint must give the same step 2. The
+test takes about 55 s on 2 busy cores (the launch 40 s); the setup (tokenizer, data, model) is test_trl_scale's.
 
-Checked by hand that this fails when it should (2026-12-07): with ``SumOverGroup`` returning the rank's own partial
-sums the step-1 loss and grad_norm differ from the single process's by ~1e-1 relative; with the loss doubled on
-every rank (gradients summed twice over the group) the step-1 grad_norm differs by a factor 2.
+Checked by hand that it fails when it should (2026-12-07, this CPU): with ``SumOverGroup`` returning each rank's own
+partial sums, step 1's loss is 0.835 instead of 0.977; with the gradient factor left at 1 under ZeRO-3 the step-1
+grad_norm is 11.02 instead of 22.04, with a factor 2 under ZeRO-2 44.08; with a resumed loader that skips nothing,
+the resumed step 2's loss is 0.040 instead of 0.918.
 """
 from __future__ import annotations
 
@@ -26,10 +28,11 @@ HERE = Path(__file__).resolve().parent
 SP = 2
 # case id -> options: the ZeRO stage, ref (a separate reference model; else the policy's own, on the fly or
 # precomputed), precompute (precompute_ref_log_probs, run unsplit on each rank's own batches), eval (an evaluation
-# after the last step, unsplit on each rank's own batches)
+# after the last step, unsplit on each rank's own batches), resume (a checkpoint after step 1, from which a second
+# trainer resumes: its step 2 must be the uninterrupted one)
 CASES = {"zero3-ref-eval": dict(stage=3, ref=True, eval=True),
          "zero3-precompute": dict(stage=3, precompute=True),
-         "zero2-ref": dict(stage=2, ref=True)}
+         "zero2-ref-resume": dict(stage=2, ref=True, resume=True)}
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
 COMPARED = ("loss", "grad_norm", *METRICS, "num_tokens")
@@ -49,21 +52,23 @@ def _args(case: dict, out: Path, sp: bool):
     from test_trl_parity import BETA
     from test_trl_scale import PAIRS_PER_STEP, STEPS, zero
     from trl import DPOConfig
-    engine = {}
+    options = {}
     if case.get("eval"):
-        engine = dict(eval_strategy="steps", eval_steps=STEPS, per_device_eval_batch_size=PAIRS_PER_STEP)
+        options = dict(eval_strategy="steps", eval_steps=STEPS, per_device_eval_batch_size=PAIRS_PER_STEP)
     if sp:
-        engine |= dict(deepspeed=zero(case["stage"]), accelerator_config={"use_configured_state": True},
-                      ddp_backend="gloo",
-                      parallelism_config=ParallelismConfig(sp_size=SP, sp_backend="deepspeed", sp_handler=(
-                          DeepSpeedSequenceParallelConfig(sp_attn_implementation="sdpa"))))
+        handler = DeepSpeedSequenceParallelConfig(sp_attn_implementation="sdpa")
+        options |= dict(deepspeed=zero(case["stage"]), accelerator_config={"use_configured_state": True},
+                        ddp_backend="gloo",
+                        parallelism_config=ParallelismConfig(sp_size=SP, sp_backend="deepspeed", sp_handler=handler))
+    if case.get("resume") and sp:
+        options |= dict(save_strategy="steps", save_steps=1)
     return DPOConfig(output_dir=str(out), report_to=[], bf16=False, fp16=False, gradient_checkpointing=False,
                      per_device_train_batch_size=PAIRS_PER_STEP, max_steps=STEPS, learning_rate=1e-2,
-                     logging_steps=1, save_strategy="no", beta=BETA, seed=0, disable_tqdm=True,
-                     precompute_ref_log_probs=case.get("precompute", False), **engine)
+                     logging_steps=1, beta=BETA, seed=0, disable_tqdm=True, **{"save_strategy": "no", **options},
+                     precompute_ref_log_probs=case.get("precompute", False))
 
 
-def _train(case_id: str, out: Path, sp: bool) -> list:
+def _train(case_id: str, out: Path, sp: bool, resume: bool = False) -> list:
     from test_trl_parity import make_dataset, make_tokenizer
     from test_trl_scale import _dataset
 
@@ -73,7 +78,7 @@ def _train(case_id: str, out: Path, sp: bool) -> list:
                              args=_args(case, out / case_id, sp), train_dataset=_dataset(out),
                              eval_dataset=make_dataset(seed=3) if case.get("eval") else None,
                              processing_class=make_tokenizer())
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(out / case_id / "checkpoint-1") if resume else None)
     return [h for h in trainer.state.log_history if "loss" in h or "eval_loss" in h]
 
 
@@ -86,12 +91,13 @@ def worker(out: str) -> None:
     torch.set_num_threads(1)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False        # see test_trl_scale.worker
     results = {}
-    for case_id in CASES:
+    runs = [(case_id, False) for case_id in CASES] + [(c, True) for c, case in CASES.items() if case.get("resume")]
+    for case_id, resume in runs:
         _engine_state("zero")
         # the previous trainer's sequence-parallel groups (DeepSpeed keeps one set per process)
         parallel_state_sp._release_sequence_parallel_groups()
         groups.mpu = None
-        results[case_id] = _train(case_id, Path(out), sp=True)
+        results[case_id + "/resumed" * resume] = _train(case_id, Path(out), sp=True, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         (Path(out) / "results.json").write_text(json.dumps(results))
 
@@ -118,20 +124,27 @@ def test_sequence_parallel_steps_equal_the_single_process(tmp_path):
     for case_id in CASES:
         AcceleratorState._reset_state(reset_partial_state=True)
         want, got = _train(case_id, tmp_path / "single", sp=False), split[case_id]
-        steps = [h for h in want if "loss" in h]
-        assert len(got) == len(want) == STEPS + bool(CASES[case_id].get("eval")) and len(steps) == STEPS, (
+        assert len(got) == len(want) == STEPS + bool(CASES[case_id].get("eval")), (
             f"{case_id}: {len(got)} and {len(want)} logged entries")
-        for step, (g, w) in enumerate(zip(got, want)):
-            for key in COMPARED if "loss" in w else EVAL_COMPARED:
-                what = f"{case_id} entry {step} {key}: sp_size={SP} {g[key]!r} vs one process {w[key]!r}"
-                if key.endswith(("rewards/accuracies", "num_tokens")):
-                    assert g[key] == w[key], what
-                else:
-                    scale = abs(w[key])
-                    if key.endswith("rewards/margins"):
-                        prefix = key[:-len("rewards/margins")]
-                        scale = max(scale, abs(w[prefix + "rewards/chosen"]), abs(w[prefix + "rewards/rejected"]))
-                    assert abs(g[key] - w[key]) <= RTOL * scale, what
+        runs = {case_id: got}
+        if CASES[case_id].get("resume"):      # the resumed run: step 1 from the checkpoint's history, step 2 its own
+            resumed = split[case_id + "/resumed"]
+            assert [h["step"] for h in resumed] == list(range(1, STEPS + 1)), resumed
+            runs[case_id + "/resumed"] = resumed
+        for run, history in runs.items():
+            for entry, (g, w) in enumerate(zip(history, want)):
+                # num_tokens: TRL's running count starts again at 0 in a resumed run (TRL's DPOTrainer alike)
+                keys = COMPARED if "loss" in w else EVAL_COMPARED
+                for key in keys[:-1] if run.endswith("/resumed") and "loss" in w else keys:
+                    what = f"{run} entry {entry} {key}: sp_size={SP} {g[key]!r} vs one process {w[key]!r}"
+                    if key.endswith(("rewards/accuracies", "num_tokens")):
+                        assert g[key] == w[key], what
+                    else:
+                        scale = abs(w[key])
+                        if key.endswith("rewards/margins"):
+                            prefix = key[:-len("rewards/margins")]
+                            scale = max(scale, abs(w[prefix + "rewards/chosen"]), abs(w[prefix + "rewards/rejected"]))
+                        assert abs(g[key] - w[key]) <= RTOL * scale, what
 
 # ------------------------------------------------------------------------------ refused up front, in one line each
 

@@ -96,24 +96,36 @@ def layout_unavailable(why: Optional[str], size: int) -> None:
 class GroupLoader:
     """DeepSpeed's ``UlyssesSPDataLoaderAdapter``'s order with whole batches: each rank of the group draws its batch
     from ``loader``; then every rank yields the group's batches, the first rank's first, each marked ``GROUP``
-    (moved to the CPU to travel; the Trainer moves them back)."""
+    (moved to the CPU to travel; the Trainer moves them back). ``skip``: group batches left out at the start (a run
+    resumed mid-epoch)."""
 
-    def __init__(self, loader, group: SequenceGroup):
-        self.loader, self.group = loader, group
+    def __init__(self, loader, group: SequenceGroup, skip: int = 0):
+        self.loader, self.group, self.skip = loader, group, skip
 
     def __len__(self):
-        return len(self.loader) * self.group.size
+        return len(self.loader) * self.group.size - self.skip
 
     def __getattr__(self, name):                  # set_epoch, dataset, batch_size, ... of the wrapped loader
+        if name == "loader":
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
     def __iter__(self):
         from accelerate.utils import send_to_device
+        skip = self.skip % self.group.size
         for batch in self.loader:
             batches = [None] * self.group.size
             dist.all_gather_object(batches, send_to_device(batch, "cpu"), group=self.group.group)
-            for b in batches:
+            for b in batches[skip:]:
                 yield {**b, GROUP: True}
+            skip = 0
+
+    def resumed(self, batches: int) -> "GroupLoader":
+        """This loader without its first ``batches`` group batches: each rank skips its own first
+        ``batches // N`` batches, and the group the first ``batches % N`` of the group's next ones."""
+        from accelerate import skip_first_batches
+        size = self.group.size
+        return GroupLoader(skip_first_batches(self.loader, batches // size), self.group, batches % size)
 
 
 def gradient_factor(accelerator, size: int) -> int:

@@ -292,6 +292,12 @@ class FastDPOTrainer(DPOTrainer):
         tokens = _trl_layout.input_tokens(inputs, mode).to(self.args.device, torch.int64)
         self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item() // self._copies(inputs)
 
+    def get_resumed_dataloader(self, dataloader, num_batches: int):
+        """A run resumed mid-epoch: the sequence-parallel loader skips the group's batches already trained on."""
+        if isinstance(dataloader, _trl_sequence.GroupLoader):
+            return dataloader.resumed(num_batches)
+        return super().get_resumed_dataloader(dataloader, num_batches)
+
     def _precompute_ref_logps(self, *args, **kwargs):
         self._check_loaded()
         return super()._precompute_ref_logps(*args, **kwargs)
