@@ -15,12 +15,14 @@ the resumed step 2's loss is 0.040 instead of 0.918.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -29,8 +31,9 @@ SP = 2
 # case id -> options: the ZeRO stage, ref (a separate reference model; else the policy's own, on the fly or
 # precomputed), precompute (precompute_ref_log_probs, run unsplit on each rank's own batches), eval (an evaluation
 # after the last step, unsplit on each rank's own batches), resume (a checkpoint after step 1, from which a second
-# trainer resumes: its step 2 must be the uninterrupted one)
-CASES = {"zero3-ref-eval": dict(stage=3, ref=True, eval=True),
+# trainer resumes: its step 2 must be the uninterrupted one), dense (the pair layout's dense mask through sdpa, the
+# route off the CPU, where DeepSpeed's attention wrapper would drop it; else span attention)
+CASES = {"zero3-ref-eval-dense": dict(stage=3, ref=True, eval=True, dense=True),
          "zero3-precompute": dict(stage=3, precompute=True),
          "zero2-ref-resume": dict(stage=2, ref=True, resume=True)}
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -72,12 +75,16 @@ def _train(case_id: str, out: Path, sp: bool, resume: bool = False) -> list:
     from test_trl_parity import make_dataset, make_tokenizer
     from test_trl_scale import _dataset
 
+    from fastdpo.integrations import _trl_layout
     from fastdpo.integrations.trl import FastDPOTrainer
     case = CASES[case_id]
-    trainer = FastDPOTrainer(model=_model(0), ref_model=_model(1) if case.get("ref") else None,
-                             args=_args(case, out / case_id, sp), train_dataset=_dataset(out),
-                             eval_dataset=make_dataset(seed=3) if case.get("eval") else None,
-                             processing_class=make_tokenizer())
+    dense = mock.patch.object(_trl_layout, "span_unavailable", lambda *a: "the test's dense case")
+    with dense if case.get("dense") else contextlib.nullcontext():
+        trainer = FastDPOTrainer(model=_model(0), ref_model=_model(1) if case.get("ref") else None,
+                                 args=_args(case, out / case_id, sp), train_dataset=_dataset(out),
+                                 eval_dataset=make_dataset(seed=3) if case.get("eval") else None,
+                                 processing_class=make_tokenizer())
+    assert trainer._fastdpo_layout.span != case.get("dense", False), trainer._fastdpo_layout
     trainer.train(resume_from_checkpoint=str(out / case_id / "checkpoint-1") if resume else None)
     return [h for h in trainer.state.log_history if "loss" in h or "eval_loss" in h]
 

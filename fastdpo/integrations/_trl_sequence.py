@@ -9,8 +9,9 @@ What accelerate 1.16 and transformers 5.25 do under it, and what FastDPOTrainer 
   batch, which the adapter could not cut along dim 1), and ``fastdpo.sequence_parallel`` splits its packed rows.
 - Attention: accelerate registers DeepSpeed's ``UlyssesSPAttentionHF`` in place of the core attention function
   (``sp_attn_implementation``, which must be the model's). It drops 4D masks (the pair layout's rejected reply must
-  not see the chosen one) and refuses eager attention. Replaced: once the model is prepared the core function is
-  restored, and the group's passes run fastdpo's own Ulysses all-to-all around it, with the unsplit layout's mask.
+  not see the chosen one; in evaluation too, where it does not split) and refuses eager attention. Replaced: the
+  core function is restored once the model is prepared and before every pass (``restore``), and the group's passes
+  run fastdpo's own Ulysses all-to-all around it, with the unsplit layout's mask.
 - Loss: TRL's ``compute_loss`` (FastDPOTrainer's) replaces the Trainer's, so ``deepspeed_sp_compute_loss`` never
   runs. Every rank computes the same DPO loss from the per-sequence sums added over the group; each rank's
   parameter gradients are its own tokens' share, so the unsplit run's gradient is their sum over the group.
@@ -160,9 +161,7 @@ def take_over(trainer, attention_functions: dict) -> None:
 
     def adapter(loader, model):
         from deepspeed.utils import groups
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        for name, fn in attention_functions.items():
-            ALL_ATTENTION_FUNCTIONS[name] = fn
+        restore(attention_functions)
         trainer._fastdpo_group = SequenceGroup(groups._get_sequence_parallel_group(),
                                                groups._get_sequence_parallel_world_size(),
                                                groups._get_sequence_parallel_rank())
@@ -170,6 +169,14 @@ def take_over(trainer, attention_functions: dict) -> None:
         return GroupLoader(loader, trainer._fastdpo_group)
 
     accelerator.deepspeed_ulysses_dl_adapter = adapter
+
+
+def restore(attention_functions: dict) -> None:
+    """Put ``attention_functions`` (``saved_attention()``) back in transformers' table (DeepSpeed's registration,
+    made whenever accelerate prepares the model under sequence parallelism, evaluation included, replaces them)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    for name, fn in attention_functions.items():
+        ALL_ATTENTION_FUNCTIONS[name] = fn
 
 
 def saved_attention() -> dict:

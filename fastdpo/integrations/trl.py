@@ -257,8 +257,10 @@ class FastDPOTrainer(DPOTrainer):
         if coef:                                # the MoE load-balancing loss, with TRL's coefficient
             self._fastdpo_options = {**self._fastdpo_options, "router_aux_loss_coef": coef}
         self._fastdpo_layout = self._pair_layout(bool(coef), sp)
+        self._fastdpo_attention = {}            # sp_size > 1: transformers' core attention, before DeepSpeed's
         if sp > 1:          # accelerate's DeepSpeed attention and data adapter, replaced once the model is prepared
-            _trl_sequence.take_over(self, _trl_sequence.saved_attention())
+            self._fastdpo_attention = _trl_sequence.saved_attention()
+            _trl_sequence.take_over(self, self._fastdpo_attention)
         self._fastdpo_checked = True
 
     def _pair_layout(self, aux_loss: bool, sp: int = 1):
@@ -337,6 +339,7 @@ class FastDPOTrainer(DPOTrainer):
             peft_model = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
         _route_forward(self.accelerator.unwrap_model(model, keep_torch_compile=False))   # a model TRL prepared
+        _trl_sequence.restore(self._fastdpo_attention)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               adapter, self.accelerator.autocast()):
             # through the model's (engine's) forward: DeepSpeed's and FSDP's hooks gather the sharded parameters
@@ -345,6 +348,7 @@ class FastDPOTrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
+        _trl_sequence.restore(self._fastdpo_attention)
         model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
         extra = sorted(set(model_inputs) - set(MODEL_INPUTS))
         layout = _trl_layout.is_layout_batch(inputs)
