@@ -87,7 +87,7 @@ def check_model(model, size: int, parallelism, what: str) -> None:
                          "registration refuses eager; the others are not verified)")
 
 
-def layout_unavailable(why: Optional[str], size: int) -> None:
+def refuse_without_layout(why: Optional[str], size: int) -> None:
     """The pair layout is what is split: where it cannot run, sequence parallelism is refused."""
     if why:
         raise ValueError(f"FastDPOTrainer: sp_size={size}: the pair layout, which sequence parallelism splits, cannot "

@@ -273,7 +273,7 @@ class FastDPOTrainer(DPOTrainer):
         if why is None and self.compute_metrics is not None:
             why = "compute_metrics takes the logits of TRL's padded batches"
         if sp > 1:
-            _trl_sequence.layout_unavailable(why, sp)
+            _trl_sequence.refuse_without_layout(why, sp)
         if self._fastdpo_layout_wanted is False or (why and self._fastdpo_layout_wanted is None):
             return None
         if why:
