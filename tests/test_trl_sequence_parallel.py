@@ -31,12 +31,13 @@ import pytest
 HERE = Path(__file__).resolve().parent
 SP = 2
 # case id -> options: the ZeRO stage, ref (a separate reference model; else the policy's own, on the fly or
-# precomputed), precompute (precompute_ref_log_probs, run unsplit on each rank's own batches), eval (an evaluation
+# precomputed), precompute (precompute_ref_log_probs, run unsplit on each rank's own batches), lora (PEFT LoRA on q
+# and v, initialised off zero; the reference is the base), eval (an evaluation
 # after the last step, unsplit on each rank's own batches), resume (a checkpoint after step 1, from which a second
 # trainer resumes: its step 2 must be the uninterrupted one), dense (the pair layout's dense mask through sdpa, the
 # route off the CPU, where DeepSpeed's attention wrapper would drop it; else span attention)
 CASES = {"zero3-ref-eval-dense": dict(stage=3, ref=True, eval=True, dense=True),
-         "zero3-precompute": dict(stage=3, precompute=True),
+         "zero3-precompute-lora": dict(stage=3, precompute=True, lora=True),
          "zero2-ref-resume": dict(stage=2, ref=True, resume=True)}
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
@@ -81,8 +82,13 @@ def _train(case_id: str, out: Path, sp: bool, resume: bool = False) -> list:
     from fastdpo.integrations.trl import FastDPOTrainer
     case = CASES[case_id]
     dense = mock.patch.object(_trl_layout, "span_unavailable", lambda *a: "the test's dense case")
+    lora = None
+    if case.get("lora"):
+        from peft import LoraConfig
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, bias="none",
+                          task_type="CAUSAL_LM", init_lora_weights=False)
     with dense if case.get("dense") else contextlib.nullcontext():
-        trainer = FastDPOTrainer(model=_model(0), ref_model=_model(1) if case.get("ref") else None,
+        trainer = FastDPOTrainer(model=_model(0), ref_model=_model(1) if case.get("ref") else None, peft_config=lora,
                                  args=_args(case, out / case_id, sp), train_dataset=_dataset(out),
                                  eval_dataset=make_dataset(seed=3) if case.get("eval") else None,
                                  processing_class=make_tokenizer())
