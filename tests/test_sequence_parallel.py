@@ -220,25 +220,6 @@ def test_what_it_cannot_split_exactly_is_refused_in_one_line():
     assert all("\n" not in m for m in (_refused(llama), _refused(llama, 4)))
 
 
-@pytest.mark.parametrize("option", ["sp_size", "cp_size"])
-def test_fast_dpo_trainer_refuses_accelerate_sequence_and_context_parallelism(option, tmp_path, monkeypatch):
-    """TRL's DPOTrainer would sum the log-probs of each process's slice of a sequence: never silently wrong."""
-    pytest.importorskip("trl")
-    from accelerate.parallelism_config import ParallelismConfig
-    from test_integration_trl import config
-    from test_trl_parity import make_dataset, make_model, make_tokenizer
-    from trl import DPOTrainer
-
-    from fastdpo.integrations.trl import FastDPOTrainer
-    monkeypatch.setattr(DPOTrainer, "__init__", lambda *a, **k: pytest.fail("TRL's constructor ran"))
-    extra = dict(sp_backend="deepspeed") if option == "sp_size" else {}
-    args = config(tmp_path, parallelism_config=ParallelismConfig(**{option: 2}, **extra))
-    with pytest.raises(ValueError, match=f"^FastDPOTrainer: {option}=2 \\(DPOConfig.parallelism_config\\) is not "
-                                         "supported: under sequence/context parallelism"):
-        FastDPOTrainer(model=make_model(seed=0), args=args, train_dataset=make_dataset(),
-                       processing_class=make_tokenizer())
-
-
 def _metrics(out: Path) -> list:
     with open(out / "metrics.jsonl") as f:
         # grad_norm: AdamW hides a gradient's scale from the losses, the clipped norm does not

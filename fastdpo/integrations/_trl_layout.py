@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from .. import sequence_parallel
 from ..heads import supports_layout
 from ..layout import mask_unavailable, pack_pairs, prefers_prompt_cache, prompt_cache_batch
 from ..models import model_pair_dpo_loss, model_pair_logps, span_unavailable
@@ -46,11 +47,12 @@ def layout_unavailable(model, aux_loss: bool) -> Optional[str]:
     return mask_unavailable(impl, "cuda" if torch.cuda.is_available() else "cpu")    # where TRL will run it
 
 
-def resolve(models, args, device: torch.device) -> PairLayout:
-    """The route for the policy and reference ``models``: span attention where both can take it."""
+def resolve(models, args, device: torch.device, split: bool = False) -> PairLayout:
+    """The route for the policy and reference ``models``: span attention where both can take it; no prompt cache
+    where the rows are ``split`` over a sequence-parallel group (``fastdpo.sequence_parallel`` splits packed rows)."""
     checkpointing = bool(args.gradient_checkpointing)
     span = device.type == "cpu" and all(span_unavailable(m, checkpointing) is None for m in models)
-    return PairLayout(span=span, prompt_cache=not span and not checkpointing)
+    return PairLayout(span=span, prompt_cache=not span and not checkpointing and not split)
 
 
 def _truncate(ids: list, mask: list, max_length, mode: str):
@@ -127,17 +129,26 @@ def input_tokens(inputs, mode: str) -> torch.Tensor:
     return inputs["num_tokens"] if mode == "non_padding" else inputs[PADDED]
 
 
-def pair_dpo_loss(model, inputs, layout: PairLayout, ref_chosen=None, ref_rejected=None, **loss_options):
-    """``model_pair_dpo_loss`` on a layout batch, on the model's device, with the route the layout was built for."""
+def pair_dpo_loss(model, inputs, layout: PairLayout, ref_chosen=None, ref_rejected=None, *, group=None,
+                  **loss_options):
+    """``model_pair_dpo_loss`` on a layout batch, on the model's device, with the route the layout was built for;
+    split over ``group`` (a ``fastdpo.sequence_parallel.SequenceGroup``) where given."""
     batch = inputs[KEY].to(next(model.parameters()).device)
-    return model_pair_dpo_loss(model, batch, ref_chosen, ref_rejected, attention="span" if layout.span else "dense",
-                               **loss_options)
+    attention = "span" if layout.span else "dense"
+    if group is not None:
+        return sequence_parallel.model_pair_dpo_loss(model, batch, ref_chosen, ref_rejected, group=group,
+                                                     attention=attention, **loss_options)
+    return model_pair_dpo_loss(model, batch, ref_chosen, ref_rejected, attention=attention, **loss_options)
 
 
-def pair_logps(model, inputs, layout: PairLayout, ld_alpha=None) -> torch.Tensor:
-    """[2B] log-probs of a layout batch (LD-DPO-weighted under ``ld_alpha``, as TRL's)."""
+def pair_logps(model, inputs, layout: PairLayout, ld_alpha=None, group=None) -> torch.Tensor:
+    """[2B] log-probs of a layout batch (LD-DPO-weighted under ``ld_alpha``, as TRL's), split over ``group`` where
+    given."""
     if ld_alpha is None:
         batch = inputs[KEY].to(next(model.parameters()).device)
-        return model_pair_logps(model, batch, attention="span" if layout.span else "dense")
+        attention = "span" if layout.span else "dense"
+        if group is not None:
+            return sequence_parallel.model_pair_logps(model, batch, group=group, attention=attention)
+        return model_pair_logps(model, batch, attention=attention)
     # model_pair_dpo_loss's log-probs are the LD-weighted ones (its reference-free loss is dropped)
-    return pair_dpo_loss(model, inputs, layout, ld_alpha=ld_alpha, return_logps=True)[2]
+    return pair_dpo_loss(model, inputs, layout, ld_alpha=ld_alpha, return_logps=True, group=group)[2]

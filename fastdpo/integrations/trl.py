@@ -24,10 +24,12 @@ accelerate, optimizer, scheduler, logging and checkpoints stay TRL's own code. B
 model's (the engine's) forward and the fused head inside the lm_head's (``fastdpo.models.head_call``):
 DeepSpeed ZeRO-1/2/3 and FSDP2 gather and reduce its parameters as for TRL's own head. Not logged: ``entropy``,
 ``logits/chosen``, ``logits/rejected`` and ``mean_token_accuracy``, per-token statistics of the full-vocabulary
-distribution that the fused op does not form. Options FastDPOTrainer cannot honour raise a ValueError at
-construction (``REFUSED``, accelerate's sequence/context parallelism (``_refuse_sequence_split``),
-``use_liger_kernel`` in TRL's words, and the checks of ``_check_inputs`` and ``_check_loaded``); fastdpo also refuses
-a few loss settings TRL only warns about (e.g. ``label_smoothing`` where no chosen loss uses it).
+distribution that the fused op does not form. Under accelerate's sequence parallelism
+(``ParallelismConfig(sp_size=N)``, DeepSpeed) each group of N processes splits the pair layout's rows with
+fastdpo's own Ulysses attention (``_trl_sequence``). Options FastDPOTrainer cannot honour raise a ValueError at
+construction (``REFUSED``, what ``_trl_sequence`` cannot split exactly, ``use_liger_kernel`` in TRL's words, and
+the checks of ``_check_inputs`` and ``_check_loaded``); fastdpo also refuses a few loss settings TRL only warns
+about (e.g. ``label_smoothing`` where no chosen loss uses it).
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ from transformers import ProcessorMixin  # noqa: E402
 from ..heads import router_aux_loss_coef  # noqa: E402
 from ..loss import LOSS_DEFAULTS, make_params  # noqa: E402
 from ..models import check_output_head, model_dpo_loss, model_sequence_logps, output_head  # noqa: E402
-from . import _trl_layout  # noqa: E402
+from . import _trl_layout, _trl_sequence  # noqa: E402
 
 _DPO_SIGNATURE = inspect.signature(DPOTrainer.__init__)
 # Keys of TRL's preference batches that are not model inputs; the model inputs fastdpo's forward takes.
@@ -83,19 +85,6 @@ def _refuse_options(args) -> None:
         if value:
             raise ValueError(f"FastDPOTrainer: {name}={value!r} is not supported: {why}. Unset it, or use "
                              "trl.DPOTrainer")
-
-
-def _refuse_sequence_split(parallelism, where: str) -> None:
-    """accelerate's sequence or context parallelism (``ParallelismConfig(sp_size=N)`` / ``cp_size=N``): each process
-    would hold a slice of every sequence, and TRL's DPOTrainer, whose batches FastDPOTrainer scores, sums the
-    log-probs of the slice only: a silently wrong loss. Refused until the split sums are added over the group."""
-    for name in ("sp_size", "cp_size"):
-        size = getattr(parallelism, name, None) or 1
-        if size > 1:
-            raise ValueError(f"FastDPOTrainer: {name}={size} ({where}) is not supported: under sequence/context "
-                             "parallelism each process scores a slice of every sequence and TRL's DPO loss would take "
-                             f"the slice's log-probs for the sequence's; set {name}=1, or use `fastdpo train "
-                             "--sequence-parallel N`")
 
 
 def _loss_options(args) -> dict:
@@ -232,14 +221,20 @@ class FastDPOTrainer(DPOTrainer):
             given["args"] = DPOConfig(f"{name.split('/')[-1]}-DPO")
         config = given["args"]
         _refuse_options(config)
-        _refuse_sequence_split(getattr(config, "parallelism_config", None), "DPOConfig.parallelism_config")
+        self._fastdpo_layout_wanted = _layout_wanted(pair_layout, config.padding_free)
+        parallelism = getattr(config, "parallelism_config", None)
+        sp = _trl_sequence.check_config(parallelism, config, self._fastdpo_layout_wanted,
+                                        "DPOConfig.parallelism_config")
         _loss_options(config)
         _check_inputs(model, given.get("ref_model"), config, given.get("train_dataset"),
                       given.get("processing_class"), given.get("peft_config"))
+        for what, lm in (("the model", model), ("the ref_model", given.get("ref_model"))):
+            if sp > 1 and lm is not None and not isinstance(lm, str):
+                _trl_sequence.check_model(lm, sp, parallelism, what)
         if isinstance(given.get("ref_model"), str):
             given["ref_model"] = _load_reference(given["ref_model"], config, given.get("quantization_config"))
         self._fastdpo_checked = False
-        self._fastdpo_layout_wanted = _layout_wanted(pair_layout, config.padding_free)
+        self._fastdpo_group = None                  # the SequenceGroup, once accelerate made it (sp_size > 1)
         padding_free, config.padding_free = config.padding_free, False      # not TRL's fallback warning
         try:
             super().__init__(**given)
@@ -257,21 +252,31 @@ class FastDPOTrainer(DPOTrainer):
         reference), once: before TRL precomputes reference log-probs, else at the end of the constructor."""
         if self._fastdpo_checked:
             return
-        _refuse_sequence_split(getattr(self.accelerator, "parallelism_config", None),
-                               "accelerate's parallelism_config")
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        sp = _trl_sequence.check_config(parallelism, self.args, self._fastdpo_layout_wanted,
+                                        "accelerate's parallelism_config", self.is_deepspeed_enabled)
         self._fastdpo_options = _loss_options(self.args)
         coef = _checked_model(self.model, self.args)
         if self.ref_model is not None:
             _checked_model(self.accelerator.unwrap_model(self.ref_model))
+        if sp > 1:
+            _trl_sequence.check_model(self.model, sp, parallelism, "the model")
+            if self.ref_model is not None:
+                _trl_sequence.check_model(self.accelerator.unwrap_model(self.ref_model), sp, parallelism,
+                                          "the ref_model")
         if is_peft_model(self.model):
             _refuse_prompt_learning(self.model.active_peft_config)
         _refuse_vision(self.processing_class, {})
         if coef:                                # the MoE load-balancing loss, with TRL's coefficient
             self._fastdpo_options = {**self._fastdpo_options, "router_aux_loss_coef": coef}
-        self._fastdpo_layout = self._pair_layout(bool(coef))
+        self._fastdpo_layout = self._pair_layout(bool(coef), sp)
+        self._fastdpo_attention = {}            # sp_size > 1: transformers' core attention, before DeepSpeed's
+        if sp > 1:          # accelerate's DeepSpeed attention and data adapter, replaced once the model is prepared
+            self._fastdpo_attention = _trl_sequence.saved_attention()
+            _trl_sequence.take_over(self, self._fastdpo_attention)
         self._fastdpo_checked = True
 
-    def _pair_layout(self, aux_loss: bool):
+    def _pair_layout(self, aux_loss: bool, sp: int = 1):
         """The pair layout (``_trl_layout``) where wanted and verified: TRL's collator wrapped; else None."""
         why = _trl_layout.layout_unavailable(self.model, aux_loss)
         if why is None and self.ref_model is not None:
@@ -280,13 +285,15 @@ class FastDPOTrainer(DPOTrainer):
             why = f"a data_collator of its own ({type(self.data_collator).__name__}) was given"
         if why is None and self.compute_metrics is not None:
             why = "compute_metrics takes the logits of TRL's padded batches"
+        if sp > 1:
+            _trl_sequence.refuse_without_layout(why, sp)
         if self._fastdpo_layout_wanted is False or (why and self._fastdpo_layout_wanted is None):
             return None
         if why:
             raise ValueError(f"FastDPOTrainer: the pair layout (pair_layout=True or padding_free=True): {why}. "
                              "Use pair_layout=False")
         models = [self.model] + ([] if self.ref_model is None else [self.accelerator.unwrap_model(self.ref_model)])
-        layout = _trl_layout.resolve(models, self.args, self.args.device)
+        layout = _trl_layout.resolve(models, self.args, self.args.device, split=sp > 1)
         self.data_collator = _trl_layout.PairCollator(self.data_collator, layout)
         self.padding_free = True
         return layout
@@ -298,16 +305,38 @@ class FastDPOTrainer(DPOTrainer):
         if mode == "no" or not _trl_layout.is_layout_batch(inputs):
             return super()._track_num_input_tokens(inputs)
         tokens = _trl_layout.input_tokens(inputs, mode).to(self.args.device, torch.int64)
-        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item() // self._copies(inputs)
+
+    def get_resumed_dataloader(self, dataloader, num_batches: int):
+        """A run resumed mid-epoch: the sequence-parallel loader skips the group's batches already trained on."""
+        if isinstance(dataloader, _trl_sequence.GroupLoader):
+            return dataloader.resumed(num_batches)
+        return super().get_resumed_dataloader(dataloader, num_batches)
 
     def _precompute_ref_logps(self, *args, **kwargs):
         self._check_loaded()
         return super()._precompute_ref_logps(*args, **kwargs)
 
+    def _group(self, inputs):
+        """The SequenceGroup that splits ``inputs`` (a batch of ``_trl_sequence.GroupLoader``), else None."""
+        if not inputs.get(_trl_sequence.GROUP):
+            return None
+        if not _trl_layout.is_layout_batch(inputs):
+            raise ValueError(f"FastDPOTrainer: sp_size={self._fastdpo_group.size}: a batch the pair layout cannot hold "
+                             "exactly (a reply truncated to nothing, or keep_end cutting the two prompts differently) "
+                             "cannot be split over the sequence-parallel group; raise max_length or use "
+                             "truncation_mode='keep_start'")
+        return self._fastdpo_group
+
+    def _copies(self, inputs) -> int:
+        """How many processes hold ``inputs`` whole (a group's batch: each rank of the group)."""
+        group = self._group(inputs)
+        return 1 if group is None else group.size
+
     def _sequence_logps(self, model, inputs) -> torch.Tensor:
         """[2B] log-probs of a TRL batch (LD-DPO-weighted under ld_alpha, as TRL's)."""
         if _trl_layout.is_layout_batch(inputs):
-            return _trl_layout.pair_logps(model, inputs, self._fastdpo_layout, self.ld_alpha)
+            return _trl_layout.pair_logps(model, inputs, self._fastdpo_layout, self.ld_alpha, self._group(inputs))
         inputs = _scorable(inputs)
         kwargs = {k: inputs[k] for k in MODEL_INPUTS[1:] if k in inputs}
         if self.ld_alpha is None:
@@ -324,6 +353,7 @@ class FastDPOTrainer(DPOTrainer):
             peft_model = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
         _route_forward(self.accelerator.unwrap_model(model, keep_torch_compile=False))   # a model TRL prepared
+        _trl_sequence.restore(self._fastdpo_attention)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               adapter, self.accelerator.autocast()):
             # through the model's (engine's) forward: DeepSpeed's and FSDP's hooks gather the sharded parameters
@@ -332,11 +362,13 @@ class FastDPOTrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
+        _trl_sequence.restore(self._fastdpo_attention)
         layout = _trl_layout.is_layout_batch(inputs)
         if not layout:
             inputs = _scorable(inputs)
         model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
         extra = sorted(set(model_inputs) - set(MODEL_INPUTS))
+        group = self._group(inputs)
         if layout and return_outputs:
             raise ValueError("FastDPOTrainer: return_outputs=True (the logits for compute_metrics) needs TRL's padded "
                              "batches: pass pair_layout=False")
@@ -353,11 +385,13 @@ class FastDPOTrainer(DPOTrainer):
         def policy(unwrapped):
             if layout:
                 return _trl_layout.pair_dpo_loss(unwrapped, inputs, self._fastdpo_layout, ref_chosen, ref_rejected,
-                                                 return_logps=True, **self._fastdpo_options)
+                                                 return_logps=True, group=group, **self._fastdpo_options)
             return model_dpo_loss(unwrapped, inputs["input_ids"], _labels(inputs), ref_chosen, ref_rejected,
                                   return_logps=True, **options)
 
         loss, metrics, logps = model(fastdpo=policy)
+        if group is not None and self._fastdpo_gradient_factor != 1:     # the engine's reduction over the group
+            loss = _trl_sequence.ScaleGradient.apply(loss, self._fastdpo_gradient_factor)
         if "aux_loss" in metrics:               # logged as TRL logs it
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(metrics["aux_loss"]).mean()
                                                    .item())
@@ -372,12 +406,13 @@ class FastDPOTrainer(DPOTrainer):
 
     def _log_batch_metrics(self, mode, inputs, logps, ref_chosen, ref_rejected) -> None:
         """TRL's metrics of one batch, gathered across processes as TRL gathers them."""
+        copies = self._copies(inputs)            # a sequence-parallel group's batch is on each of its ranks
         if mode == "train":
             tokens = self.accelerator.gather_for_metrics(_trl_layout.num_tokens(inputs)).sum().item()
-            self._total_train_tokens += tokens // self._tp_size
+            self._total_train_tokens += tokens // self._tp_size // copies
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         positions = torch.tensor(_trl_layout.positions(inputs), device=self.accelerator.device)
-        self._metrics[mode][_trl_layout.POSITIONS].append(self.accelerator.gather(positions).sum().item())
+        self._metrics[mode][_trl_layout.POSITIONS].append(self.accelerator.gather(positions).sum().item() // copies)
         chosen, rejected = logps.chunk(2)
         chosen_rewards, rejected_rewards = self.beta * (chosen - ref_chosen), self.beta * (rejected - ref_rejected)
         values = {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
