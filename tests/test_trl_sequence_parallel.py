@@ -35,8 +35,9 @@ SP = 2
 # and v, initialised off zero; the reference is the base), eval (an evaluation
 # after the last step, unsplit on each rank's own batches), resume (a checkpoint after step 1, from which a second
 # trainer resumes: its step 2 must be the uninterrupted one), dense (the pair layout's dense mask through sdpa, the
-# route off the CPU, where DeepSpeed's attention wrapper would drop it; else span attention)
-CASES = {"zero3-ref-eval-dense": dict(stage=3, ref=True, eval=True, dense=True),
+# route off the CPU, where DeepSpeed's attention wrapper would drop it; else span attention), checkpointing
+# (gradient checkpointing: the backward's recompute attends through the split attention; the dense route)
+CASES = {"zero3-ref-eval-checkpointing": dict(stage=3, ref=True, eval=True, dense=True, checkpointing=True),
          "zero3-precompute-lora": dict(stage=3, precompute=True, lora=True),
          "zero2-ref-resume": dict(stage=2, ref=True, resume=True)}
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -68,7 +69,8 @@ def _args(case: dict, out: Path, sp: bool):
                         parallelism_config=ParallelismConfig(sp_size=SP, sp_backend="deepspeed", sp_handler=handler))
     if case.get("resume") and sp:
         options |= dict(save_strategy="steps", save_steps=1)
-    return DPOConfig(output_dir=str(out), report_to=[], bf16=False, fp16=False, gradient_checkpointing=False,
+    return DPOConfig(output_dir=str(out), report_to=[], bf16=False, fp16=False,
+                     gradient_checkpointing=case.get("checkpointing", False),
                      per_device_train_batch_size=PAIRS_PER_STEP, max_steps=STEPS, learning_rate=1e-2,
                      logging_steps=1, beta=BETA, seed=0, disable_tqdm=True, **{"save_strategy": "no", **options},
                      precompute_ref_log_probs=case.get("precompute", False))
@@ -197,9 +199,6 @@ def test_what_cannot_be_split_exactly_is_refused(tmp_path, monkeypatch):
     head = "FastDPOTrainer: sp_size=2 (DPOConfig.parallelism_config): "
     assert refused(pair_layout=False).startswith(head + "pair_layout=False is not supported under sequence "
                                                  "parallelism: FastDPOTrainer splits the pair layout's packed rows")
-    assert refused(gradient_checkpointing=True) == (
-        head + "gradient_checkpointing=True: gradient checkpointing is not supported: its recompute runs in the "
-        "backward, outside the split attention")
     assert refused(disable_dropout=False).startswith(head + "disable_dropout=False is not supported under sequence "
                                                      "parallelism")
     assert refused(use_weighting=True) == head + "use_weighting=True (WPO) is not supported under sequence parallelism"

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..sequence_parallel import CHECKPOINTING, SequenceGroup, sequence_parallel_unavailable
+from ..sequence_parallel import SequenceGroup, sequence_parallel_unavailable
 
 GROUP = "fastdpo_sequence_group"      # the batch key: True where the batch is the group's, to split over its ranks
 IMPLEMENTATION = "sdpa"               # the core attention DeepSpeed registers around and fastdpo verifies
@@ -59,8 +59,6 @@ def check_config(parallelism, args, pair_layout, where: str, deepspeed: Optional
         raise ValueError(f"{head}: pair_layout=False is not supported under sequence parallelism: FastDPOTrainer "
                          "splits the pair layout's packed rows (TRL's padded batches are not split exactly); drop "
                          "pair_layout=False")
-    if args.gradient_checkpointing:
-        raise ValueError(f"{head}: gradient_checkpointing=True: {CHECKPOINTING}")
     if not args.disable_dropout:
         raise ValueError(f"{head}: disable_dropout=False is not supported under sequence parallelism (the ranks of a "
                          "group would draw the same dropout masks for their shares of the heads and tokens)")

@@ -57,6 +57,7 @@ from transformers import ProcessorMixin  # noqa: E402
 from ..heads import router_aux_loss_coef  # noqa: E402
 from ..loss import LOSS_DEFAULTS, make_params  # noqa: E402
 from ..models import check_output_head, model_dpo_loss, model_sequence_logps, output_head  # noqa: E402
+from .. import sequence_parallel  # noqa: E402
 from . import _trl_layout, _trl_sequence  # noqa: E402
 
 _DPO_SIGNATURE = inspect.signature(DPOTrainer.__init__)
@@ -327,6 +328,15 @@ class FastDPOTrainer(DPOTrainer):
                              "cannot be split over the sequence-parallel group; raise max_length or use "
                              "truncation_mode='keep_start'")
         return self._fastdpo_group
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        """Trainer's step; a group's batch under gradient checkpointing with fastdpo's split attention held through
+        the backward, whose recompute runs it again (``fastdpo.sequence_parallel.ulysses``)."""
+        group = self._group(inputs) if self.args.gradient_checkpointing else None
+        if group is None:
+            return super().training_step(model, inputs, *args, **kwargs)
+        with sequence_parallel.ulysses(self.accelerator.unwrap_model(model), group):
+            return super().training_step(model, inputs, *args, **kwargs)
 
     def _copies(self, inputs) -> int:
         """How many processes hold ``inputs`` whole (a group's batch: each rank of the group)."""
