@@ -85,6 +85,19 @@ def check_model(model, size: int, parallelism, what: str) -> None:
                          "registration refuses eager; the others are not verified)")
 
 
+def check_resume(size: int, resume_from_checkpoint, args, trainer_class) -> None:
+    """A run resumed under sequence parallelism skips the group's batches already trained on through
+    ``Trainer.get_resumed_dataloader`` (``FastDPOTrainer`` overrides it; ``trainer_class``: transformers' own
+    ``Trainer``, which must call it); a transformers whose Trainer lacks it
+    (5.17 has none) would skip batches of the unwrapped loader instead: silently other data. Refused there."""
+    if size > 1 and resume_from_checkpoint and not args.ignore_data_skip \
+            and not hasattr(trainer_class, "get_resumed_dataloader"):
+        import transformers
+        raise ValueError(f"FastDPOTrainer: sp_size={size}: resume_from_checkpoint needs a transformers whose Trainer "
+                         f"has get_resumed_dataloader (this {transformers.__version__} has none: it would skip other "
+                         "batches than those trained on); upgrade transformers, or set ignore_data_skip=True")
+
+
 def refuse_without_layout(why: Optional[str], size: int) -> None:
     """The pair layout is what is split: where it cannot run, sequence parallelism is refused."""
     if why:

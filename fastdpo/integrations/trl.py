@@ -52,7 +52,7 @@ if not all(hasattr(DPOTrainer, name) for name in ("_compute_loss", "compute_ref_
 
 import torch  # noqa: E402
 from accelerate.utils import is_peft_model  # noqa: E402
-from transformers import ProcessorMixin  # noqa: E402
+from transformers import ProcessorMixin, Trainer  # noqa: E402
 
 from ..heads import router_aux_loss_coef  # noqa: E402
 from ..loss import LOSS_DEFAULTS, make_params  # noqa: E402
@@ -328,6 +328,11 @@ class FastDPOTrainer(DPOTrainer):
                              "cannot be split over the sequence-parallel group; raise max_length or use "
                              "truncation_mode='keep_start'")
         return self._fastdpo_group
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        size = _trl_sequence.sizes(getattr(self.accelerator, "parallelism_config", None))[0]
+        _trl_sequence.check_resume(size, resume_from_checkpoint, self.args, Trainer)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model, inputs, *args, **kwargs):
         """Trainer's step; a group's batch under gradient checkpointing with fastdpo's split attention held through
