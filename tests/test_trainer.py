@@ -303,7 +303,7 @@ def launched(tmp_path_factory):
     """One torchrun launch, four runs: data parallel ("ddp": the small data); FSDP ("fsdp") and FSDP killed at step 4
     ("interrupted") of a model with tied embeddings on 201 train / 49 eval pairs (shards of 101/100 and 25/24 pairs:
     the eval shards take 4 and 3 batches of 8, so the reference pass must even out its forward calls); FSDP + LoRA
-    + gradient checkpointing ("lora": the bundled data). -> (tmp dir, {run: (options, {rank: exit code or error})},
+    + gradient checkpointing ("lora": the small data). -> (tmp dir, {run: (options, {rank: exit code or error})},
     the launch's stderr)"""
     import shutil
 
@@ -325,7 +325,7 @@ def launched(tmp_path_factory):
     tokenizer.save_pretrained(str(tmp / "tied"))
     tied = dict(FSDP_OPTIONS, model=str(tmp / "tied"), dataset=str(tmp / "data.jsonl"))
     options = {"ddp": dict(DDP_OPTIONS, dataset=small_bundled(tmp)), "fsdp": dict(tied, fsdp=True),
-               "lora": dict(LORA_OPTIONS, fsdp=True), "interrupted": dict(tied, fsdp=True)}
+               "lora": dict(LORA_OPTIONS, fsdp=True, dataset=small_bundled(tmp)), "interrupted": dict(tied, fsdp=True)}
     caches = {"ddp": "cache-ddp", "fsdp": "cache-fsdp", "lora": "cache-lora", "interrupted": "cache-fsdp"}
     argv = {name: ["train", *flags(**o, output_dir=tmp / name, cache_dir=tmp / caches[name])]
             for name, o in options.items()}
