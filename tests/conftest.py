@@ -92,6 +92,12 @@ def assert_no_worse_than_reference(actual, same_dtype_ref, truth, dtype, what=""
 def device():
     return DEVICE
 
+
+def thinned_in_interpreter(every, thinned):
+    """Parametrize cases: every combination on CUDA (FASTDPO_TEST_CUDA=1, where they take seconds); in the Triton
+    interpreter, where each takes seconds, the thinned list, in which every pair of values still meets."""
+    return every if DEVICE == "cuda" else thinned
+
 # Hugging Face models through the fused head vs the plain logits path, fp32: relative to the largest magnitude of
 # each compared tensor (log-probs, every parameter's gradient).
 MODEL_RTOL = 1e-5

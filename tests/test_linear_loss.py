@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import DTYPE_IDS, assert_no_worse_than_reference
+from conftest import DTYPE_IDS, assert_no_worse_than_reference, thinned_in_interpreter
 
 from fastdpo import loss as L
 from fastdpo import reference as R
@@ -37,9 +37,17 @@ def run(fn, hidden, weight, labels, ref, dtype, **kw):
     return loss.detach(), h.grad, w.grad, metrics
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo", "sft", "apo_down"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("backend", BACKENDS)
+# In the interpreter every pair of backend, dtype and loss type meets: each (dtype, loss type) once, the backend
+# alternating. The loss takes float32 log-probs whatever the input dtype, which matters to the log-probs kernels
+# and their backward.
+DTYPES, LOSSES = [torch.float32, torch.bfloat16, torch.float16], ["sigmoid", "ipo", "simpo", "sft", "apo_down"]
+COMPOSITION_CASES = thinned_in_interpreter([(b, d, t) for b in BACKENDS for d in DTYPES for t in LOSSES],
+                                           [(BACKENDS[(i + j) % 2], d, t) for i, d in enumerate(DTYPES)
+                                            for j, t in enumerate(LOSSES)])
+
+
+@pytest.mark.parametrize("backend, dtype, loss_type", COMPOSITION_CASES,
+                         ids=[f"{b}-{DTYPE_IDS[d]}-{t}" for b, d, t in COMPOSITION_CASES])
 def test_matches_reference_composition(backend, dtype, loss_type):
     hidden, weight, labels, ref = make_batch()
     ref = None if loss_type == "simpo" else ref
@@ -77,8 +85,13 @@ def test_modules_hold_options():
     torch.testing.assert_close(got2, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss_type", [["sigmoid", "hinge"], "ipo", "simpo", "robust", "bco_pair"])
-@pytest.mark.parametrize("softcap", [None, 4.0], ids=["nocap", "cap4"])
+# The softcap (a transform of the logits) and the loss type (the coefficient of d logp) are separate parts of
+# the one pass: each loss type with one of them, alternating.
+ONE_PASS_LOSSES = [(["sigmoid", "hinge"], None), ("ipo", 4.0), ("simpo", None), ("robust", 4.0), ("bco_pair", None)]
+
+
+@pytest.mark.parametrize("loss_type, softcap", ONE_PASS_LOSSES,
+                         ids=[f"{'+'.join(np.atleast_1d(t))}-{'cap4' if c else 'nocap'}" for t, c in ONE_PASS_LOSSES])
 def test_one_pass_path_matches_generic(loss_type, softcap, monkeypatch):
     """The chunked path's one-pass loss (no recompute) equals sequence_logps + dpo_loss, over many chunks."""
     from fastdpo import _chunked
@@ -100,9 +113,15 @@ def test_one_pass_path_matches_generic(loss_type, softcap, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "nca_pair", "apo_zero", ["sigmoid", "ipo"], "simpo", "sppo_hard"])
-@pytest.mark.parametrize("softcap", [None, 4.0], ids=["nocap", "cap4"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS.get)
+# Every pair of loss type, softcap and dtype meets: each (loss type, softcap) once, the dtype alternating.
+PAIRS_CASES = [(t, c, [torch.float64, torch.float32][(j + k) % 2])
+               for j, t in enumerate(["sigmoid", "nca_pair", "apo_zero", ["sigmoid", "ipo"], "simpo", "sppo_hard"])
+               for k, c in enumerate([None, 4.0])]
+
+
+@pytest.mark.parametrize("loss_type, softcap, dtype", PAIRS_CASES,
+                         ids=[f"{'+'.join(np.atleast_1d(t))}-{'cap4' if c else 'nocap'}-{DTYPE_IDS[d]}"
+                              for t, c, d in PAIRS_CASES])
 def test_pairs_one_pass_on_the_cpu_matches_generic(loss_type, softcap, dtype, monkeypatch):
     """The chunked path's one pass over chunks of whole pairs (one or two a chunk: at most 40 scored tokens), any
     per-pair loss (nca_pair, apo_zero, sppo_hard, js_divergence: not tied), with bias, scale, temperature and

@@ -3,7 +3,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import DTYPE_IDS, assert_no_worse_than_reference
+from conftest import DTYPE_IDS, assert_no_worse_than_reference, thinned_in_interpreter
 
 import fastdpo
 from fastdpo import _chunked, reference
@@ -14,6 +14,21 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(2, 47, 31, 123), (3, 19, 70, 257)]
 # (bias, softcap, logit_scale, temperature)
 OPTIONS = [(False, None, 1.0, 1.0), (True, None, 1.7, 0.6), (False, 4.0, 1.0, 1.0), (True, 3.0, 0.8, 1.3)]
+
+
+# In the interpreter every pair of dtype, shape and options meets once: each (dtype, options) on one shape,
+# alternating. Both shapes end every dimension in a partial tile (the interpreter's BLOCK_N/V/D are 16/32/16) and
+# cross the products backward's 32-row chunks.
+MATCH_CASES = thinned_in_interpreter([(d, s, o) for d in DTYPES for s in SHAPES for o in OPTIONS],
+                                     [(d, SHAPES[(i + j) % 2], o) for i, d in enumerate(DTYPES)
+                                      for j, o in enumerate(OPTIONS)])
+
+
+def option_pair(k):
+    """Two of OPTIONS, by parity: (no bias, no softcap) + (bias, softcap), or (bias) + (softcap). Alternated over
+    the dtypes, each dtype meets each state of HAS_BIAS and of HAS_SOFTCAP, and each of their four combinations is
+    met (the other knobs, scale and temperature, are factors on every path)."""
+    return thinned_in_interpreter(OPTIONS, [OPTIONS[0], OPTIONS[3]] if k % 2 == 0 else [OPTIONS[1], OPTIONS[2]])
 
 
 def shape_id(s):
@@ -92,17 +107,16 @@ def check_against_reference(backend, dtype, shape, options, requires=(True, True
     return fused
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=option_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype, shape, options", MATCH_CASES,
+                         ids=[f"{DTYPE_IDS[d]}-{shape_id(s)}-{option_id(o)}" for d, s, o in MATCH_CASES])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_fp64_reference(backend, dtype, shape, options, device):
     check_against_reference(backend, dtype, shape, options, filter_eps=None, device=device)
 
 
 @pytest.mark.requires_triton
-@pytest.mark.parametrize("options", OPTIONS, ids=option_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype, options", [(d, o) for i, d in enumerate(DTYPES) for o in option_pair(i)],
+                         ids=lambda c: DTYPE_IDS.get(c) if isinstance(c, torch.dtype) else option_id(c))
 def test_fused_backward_matches_fp64_reference(dtype, options, device, monkeypatch):
     """FASTDPO_BWD=fused: the one-kernel backward (atomics) meets the same bounds as the default."""
     monkeypatch.setenv("FASTDPO_BWD", "fused")
@@ -151,14 +165,21 @@ def test_chunked_path_independent_of_chunk_size(rows, monkeypatch):
     check_against_reference("torch", torch.float32, (2, 47, 31, 123), (True, 3.0, 1.0, 1.0))
 
 
+HWB, H, WB = (True, True, True), (True, False, False), (False, True, True)
+DETERMINISTIC_CASES = thinned_in_interpreter(
+    [(m, d, r) for m in ("fused", "products") for d in (torch.float32, torch.bfloat16) for r in (HWB, H, WB)],
+    [("fused", torch.float32, HWB), ("fused", torch.bfloat16, HWB), ("fused", torch.float32, H),
+     ("fused", torch.bfloat16, WB), ("products", torch.bfloat16, HWB)])
+
+
 @pytest.mark.requires_triton
-@pytest.mark.parametrize("mode", ["products", "fused"])
-@pytest.mark.parametrize("requires", [(True, True, True), (True, False, False), (False, True, True)],
-                         ids=["grad-hwb", "grad-h", "grad-wb"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mode, dtype, requires", DETERMINISTIC_CASES,
+                         ids=[f"{m}-{DTYPE_IDS[d]}-grad-" + "".join("hwb"[i] for i in range(3) if r[i])
+                              for m, d, r in DETERMINISTIC_CASES])
 def test_triton_deterministic_mode(dtype, requires, mode, device, monkeypatch):
     """deterministic=True meets the same bound, repeats bitwise, and agrees with the default mode
-    (the products backward has no atomics either way; the fused one drops them)."""
+    (the products backward has no atomics either way and never reads the flag: one case in the interpreter; the
+    fused one drops them: its dH launch alone (grad-h), its dW/db launch alone (grad-wb), both (grad-hwb))."""
     monkeypatch.setenv("FASTDPO_BWD", mode)
     args = ("triton", dtype, (2, 40, 33, 100), (True, 3.0, 1.0, 1.0))
     first = check_against_reference(*args, requires=requires, deterministic=True, device=device)
@@ -295,10 +316,13 @@ def set_path(monkeypatch, path):
         monkeypatch.setenv(name, value)
 
 
+NEW_PATH_CASES = [(p, d, o) for i, p in enumerate(NEW_PATHS) for j, d in enumerate(DTYPES)
+                  if (p, d) != ("tiles", torch.float32) for o in option_pair(i + j)]
+
+
 @pytest.mark.requires_triton
-@pytest.mark.parametrize("options", OPTIONS, ids=option_id)
-@pytest.mark.parametrize("path,dtype", [(p, d) for p in NEW_PATHS for d in DTYPES if (p, d) != ("tiles", torch.float32)],
-                         ids=lambda c: DTYPE_IDS.get(c, c))
+@pytest.mark.parametrize("path, dtype, options", NEW_PATH_CASES,
+                         ids=[f"{p}-{DTYPE_IDS[d]}-{option_id(o)}" for p, d, o in NEW_PATH_CASES])
 def test_new_paths_match_fp64_reference(path, dtype, options, device, monkeypatch):
     """Odd sizes (several vocabulary slices and forward tiles, none full), a fully ignored row."""
     set_path(monkeypatch, path)

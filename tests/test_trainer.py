@@ -170,54 +170,14 @@ def test_prompts_longer_than_max_length_are_dropped_and_counted(tmp_path):
         trainer.train(config(tmp_path, dataset=str(data), steps=1, eval_every=0, save_every=0, max_length=32))
 
 
-LAUNCHERS = {
-    "torchrun": ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"],
-    # accelerate's multi-process launcher (torch.distributed.run underneath; gloo when there is no GPU)
-    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"],
-}
-
-
-def torchrun(port, *args, script=("-m", "fastdpo"), check=True, launcher="torchrun"):
-    """`fastdpo train ARGS` in 2 CPU processes (gloo); a hang (a collective one rank never joins) fails the test."""
-    import subprocess
-    import sys
-    run = subprocess.run([sys.executable, *LAUNCHERS[launcher], str(port), *script, "train", *args],
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    if check:
-        assert run.returncode == 0, run.stderr[-3000:]
-    return run
-
-
-@pytest.mark.parametrize("launcher, port", [("torchrun", 29517), ("accelerate", 29522)])
-def test_two_process_run_gives_the_single_process_loss_curve(tmp_path, launcher, port):
-    """torchrun / accelerate launch with 2 CPU processes (gloo), same global batch: the same losses as one process."""
-    if launcher == "accelerate":
-        pytest.importorskip("accelerate")
-    import subprocess
-    import sys
-    common = ["--steps", "4", "--batch-size", "8", "--eval-every", "0", "--save-every", "0", "--warmup-steps", "2",
-              "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--dataset", small_bundled(tmp_path)]
-    single = str(tmp_path / "single")
-    double = str(tmp_path / "double")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "fastdpo", "train", "--output-dir", single, *common], check=True, env=env,
-                   capture_output=True)
-    torchrun(port, "--output-dir", double, *common, launcher=launcher)
-    a, b = losses(single), losses(double)
-    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
-    # Not bitwise: two half-batch means averaged by an all-reduce, each padded to its own longest sequence.
-    torch.testing.assert_close(torch.tensor([l for _, l in a]), torch.tensor([l for _, l in b]), rtol=1e-5, atol=0)
-
-
 def cached_reference_tensors(cache_dir):
     return sorted((torch.load(os.path.join(cache_dir, f), weights_only=True)["logps"]
                    for f in os.listdir(cache_dir) if f.startswith("ref-logps-")), key=len)
 
 
-def test_model_by_hub_name_resolves_offline_from_the_hub_cache(tmp_path):
-    """--model takes a hub name (org/name): here a snapshot in a local Hugging Face cache, offline. An unknown
-    name fails with the one-line error."""
+def test_model_by_hub_name_resolves_offline_from_the_hub_cache(tmp_path, capsys):
+    """--model takes a hub name (org/name): here a snapshot in a local Hugging Face cache, offline (a subprocess:
+    HF_HOME is read at import). An unknown name fails with the one-line error (in this process, offline too)."""
     import shutil
     import subprocess
     import sys
@@ -228,17 +188,17 @@ def test_model_by_hub_name_resolves_offline_from_the_hub_cache(tmp_path):
     (repo / "refs" / "main").write_text(revision)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
-    def train(model, out):
-        return subprocess.run([sys.executable, "-m", "fastdpo", "train", "--model", model, "--steps", "2",
-                               "--dataset", small_bundled(tmp_path),
-                               "--eval-every", "0", "--save-every", "0", "--output-dir", str(tmp_path / out),
-                               "--cache-dir", str(tmp_path / "cache"), "--no-progress"],
-                              env=env, capture_output=True, text=True, timeout=300)
-    run = train("fake-org/tiny-llama", "hub")
+    def args(model, out):
+        return ["train", "--model", model, "--steps", "2", "--dataset", small_bundled(tmp_path), "--eval-every", "0",
+                "--save-every", "0", "--output-dir", str(tmp_path / out), "--cache-dir", str(tmp_path / "cache"),
+                "--no-progress"]
+    run = subprocess.run([sys.executable, "-m", "fastdpo", *args("fake-org/tiny-llama", "hub")],
+                         env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert [s for s, _ in losses(str(tmp_path / "hub"))] == [1, 2]
-    missing = train("fake-org/no-such-model", "missing")
-    assert missing.returncode != 0 and "--model 'fake-org/no-such-model': cannot load it" in missing.stderr
+    capsys.readouterr()
+    assert cli.main(args("fake-org/no-such-model", "missing")) != 0
+    assert "--model 'fake-org/no-such-model': cannot load it" in capsys.readouterr().err
 
 
 def test_lora_reference_is_the_base_model_and_only_adapters_train(tmp_path):
@@ -273,9 +233,30 @@ def test_conversational_data_masks_the_templated_prompt(tmp_path):
     assert scored.count(tok.eos_token_id) == 1          # the template's end of turn; no second EOS
 
 
-# ------------------------------------------------------------------------------------ FSDP (torchrun, 2 CPU processes)
+# ------------------------------------------------------------- data parallel and FSDP (2 CPU processes, gloo)
+
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"],
+    # accelerate's multi-process launcher (torch.distributed.run underneath; gloo when there is no GPU)
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"],
+}
+
+
+def torchrun(port, *args, script=("-m", "fastdpo"), launcher="torchrun"):
+    """SCRIPT ARGS (`fastdpo ARGS` by default) in 2 CPU processes (gloo); a hang (a collective one rank never
+    joins) fails the test."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, *LAUNCHERS[launcher], str(port), *script, *map(str, args)],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
 
 FSDP_OPTIONS = dict(steps=4, batch_size=8, eval_every=0, save_every=2, warmup_steps=2, progress=False)
+DDP_OPTIONS = dict(steps=4, batch_size=8, eval_every=0, save_every=0, warmup_steps=2, progress=False)
+LORA_OPTIONS = dict(FSDP_OPTIONS, steps=3, save_every=0, lora_r=4, gradient_checkpointing=True)
 
 
 def flags(**options):
@@ -286,15 +267,50 @@ def flags(**options):
     return out
 
 
+# Several `fastdpo train` runs one after the other in one launch (each process starts once: most of a run's time
+# here); a run that fails is recorded and the next one still runs. The run named "interrupted" is killed at step 4
+# on every rank (the reference pass and the evaluations, in eval mode, do not count): its last checkpoint is step 2.
+RUNS = """
+import json, os, sys, traceback
+from fastdpo.train import cli, trainer
+real = trainer.pair_loss
+
+def dies_at_step_4():
+    calls = []
+    def pair_loss_or_die(policy, *args, **kwargs):
+        if policy.training:
+            calls.append(1)
+            if len(calls) == 4:
+                raise RuntimeError("killed")
+        return real(policy, *args, **kwargs)
+    return pair_loss_or_die
+
+done = {}
+for name, argv in json.load(open(sys.argv[1])).items():
+    trainer.pair_loss = dies_at_step_4() if name == "interrupted" else real
+    try:
+        done[name] = cli.main(argv)
+    except Exception as e:
+        traceback.print_exc()
+        done[name] = f"{type(e).__name__}: {e}"
+with open(sys.argv[2] + os.environ["RANK"], "w") as f:
+    json.dump(done, f)
+"""
+
+
 @pytest.fixture(scope="module")
-def fsdp_runs(tmp_path_factory):
-    """A model with tied embeddings on 201 train / 49 eval pairs (shards of 101/100 and 25/24 pairs: the eval
-    shards take 4 and 3 batches of 8, so the reference pass must even out its forward calls), trained in one
-    process and under FSDP with 2, each computing its own reference cache. -> (tmp dir, options, single, fsdp)"""
+def launched(tmp_path_factory):
+    """One torchrun launch, four runs: data parallel ("ddp": the small data); FSDP ("fsdp") and FSDP killed at step 4
+    ("interrupted") of a model with tied embeddings on 201 train / 49 eval pairs (shards of 101/100 and 25/24 pairs:
+    the eval shards take 4 and 3 batches of 8, so the reference pass must even out its forward calls); FSDP + LoRA
+    + gradient checkpointing ("lora": the small data). -> (tmp dir, {run: (options, {rank: exit code or error})},
+    the launch's stderr)"""
+    import shutil
+
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from fastdpo.train.tokenizer import trained_tokenizer
-    tmp = tmp_path_factory.mktemp("fsdp")
+    tmp = tmp_path_factory.mktemp("launched")
     with open(prefs.bundled_path()) as f:
         rows = [json.loads(line) for line in f]
     rows = [r for r in rows if r["split"] == "train"][:201] + [r for r in rows if r["split"] == "eval"][:49]
@@ -307,26 +323,95 @@ def fsdp_runs(tmp_path_factory):
                          tie_word_embeddings=True)
     AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp / "tied"))
     tokenizer.save_pretrained(str(tmp / "tied"))
-    options = dict(FSDP_OPTIONS, model=str(tmp / "tied"), dataset=str(tmp / "data.jsonl"))
-    trainer.train(build({**options, "output_dir": str(tmp / "single"), "cache_dir": str(tmp / "cache-single")},
-                        set(options)))
-    torchrun(29518, "--fsdp", *flags(**options, output_dir=tmp / "fsdp", cache_dir=tmp / "cache-fsdp"))
-    return tmp, options, str(tmp / "single"), str(tmp / "fsdp")
+    tied = dict(FSDP_OPTIONS, model=str(tmp / "tied"), dataset=str(tmp / "data.jsonl"))
+    options = {"ddp": dict(DDP_OPTIONS, dataset=small_bundled(tmp)), "fsdp": dict(tied, fsdp=True),
+               "lora": dict(LORA_OPTIONS, fsdp=True, dataset=small_bundled(tmp)), "interrupted": dict(tied, fsdp=True)}
+    caches = {"ddp": "cache-ddp", "fsdp": "cache-fsdp", "lora": "cache-lora", "interrupted": "cache-fsdp"}
+    argv = {name: ["train", *flags(**o, output_dir=tmp / name, cache_dir=tmp / caches[name])]
+            for name, o in options.items()}
+    runs_ = launch_runs(29518, tmp, "first", argv)
+    if (tmp / "interrupted" / "metrics.jsonl").exists():      # as the kill left it (a resume rewrites it)
+        shutil.copy(tmp / "interrupted" / "metrics.jsonl", tmp / "killed-metrics.jsonl")
+    return tmp, options, runs_
 
 
-def test_fsdp_two_process_run_gives_the_single_process_loss_curve_cache_and_model(fsdp_runs):
-    from transformers import AutoModelForCausalLM
-    tmp, _, single, fsdp = fsdp_runs
-    a, b = losses(single), losses(fsdp)
-    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
-    # Not bitwise: two half-batch means averaged by the reduce-scatter, each padded to its own longest sequence.
+def launch_runs(port, tmp, launch, argv, launcher="torchrun"):
+    """{run: argv} through RUNS in one launch. -> ({run: {rank: exit code or error}}, the launch's stderr)"""
+    (tmp / f"{launch}.json").write_text(json.dumps(argv))
+    (tmp / "runs.py").write_text(RUNS)
+    run = torchrun(port, tmp / f"{launch}.json", tmp / f"{launch}-done-rank", script=[str(tmp / "runs.py")],
+                   launcher=launcher)
+    done = [json.loads((tmp / f"{launch}-done-rank{rank}").read_text()) for rank in range(2)]
+    return {name: {rank: done[rank].get(name) for rank in range(2)} for name in argv}, run.stderr
+
+
+@pytest.fixture(scope="module")
+def launched_again(launched):
+    """A second launch, by accelerate launch where it is installed: data parallel ("accelerate": the "ddp" run's
+    options) and the "interrupted" run resumed ("resumed"). -> {run: {rank: exit code or error}}, stderr"""
+    import importlib.util
+    tmp, options, _ = launched
+    argv = {"accelerate": ["train", *flags(**options["ddp"], output_dir=tmp / "accelerate",
+                                           cache_dir=tmp / "cache-accelerate")],
+            "resumed": ["train", *flags(**options["interrupted"], output_dir=tmp / "interrupted",
+                                        cache_dir=tmp / "cache-fsdp"), "--resume"]}
+    launcher = "accelerate" if importlib.util.find_spec("accelerate") else "torchrun"
+    return launch_runs(29520, tmp, "again", argv, launcher=launcher)
+
+
+def assert_ran(runs_, name, code=0):
+    """The run ended with this exit code (or error) on both ranks."""
+    codes, stderr = runs_
+    assert codes[name] == {0: code, 1: code}, (codes[name], stderr[-3000:])
+
+
+def launched_run(launched, name):
+    """The run's options and output dir; it must have ended with exit code 0 on both ranks."""
+    tmp, options, runs_ = launched
+    assert_ran(runs_, name)
+    return options[name], str(tmp / name)
+
+
+def single_process(tmp_path, options, name="single"):
+    """The same run in this process (the comparisons are not bitwise). -> its output dir"""
+    out = str(tmp_path / name)
+    trainer.train(build({**options, "output_dir": out, "cache_dir": str(tmp_path / f"cache-{name}")}, set(options)))
+    return out
+
+
+def assert_same_loss_curve(single, double, steps):
+    a, b = losses(single), losses(double)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, steps + 1))
+    # Not bitwise: two half-batch means averaged by an all-reduce (DDP) or the reduce-scatter (FSDP), each padded
+    # to its own longest sequence.
     torch.testing.assert_close(torch.tensor([l for _, l in a]), torch.tensor([l for _, l in b]), rtol=1e-5, atol=0)
+
+
+def test_two_process_run_gives_the_single_process_loss_curve(launched, tmp_path):
+    """torchrun with 2 CPU processes, same global batch: the same losses as one process."""
+    options, double = launched_run(launched, "ddp")
+    assert_same_loss_curve(single_process(tmp_path, options), double, 4)
+
+
+def test_accelerate_launch_gives_the_single_process_loss_curve(launched, launched_again, tmp_path):
+    """accelerate launch with 2 CPU processes, same global batch: the same losses as one process."""
+    pytest.importorskip("accelerate")
+    assert_ran(launched_again, "accelerate")
+    options = launched[1]["ddp"]
+    assert_same_loss_curve(single_process(tmp_path, options), str(launched[0] / "accelerate"), 4)
+
+
+def test_fsdp_two_process_run_gives_the_single_process_loss_curve_cache_and_model(launched, tmp_path):
+    from transformers import AutoModelForCausalLM
+    options, fsdp = launched_run(launched, "fsdp")
+    single = single_process(tmp_path, {k: v for k, v in options.items() if k != "fsdp"})
+    assert_same_loss_curve(single, fsdp, 4)
     # The reference cache: one file per split, no temporary left (the names differ: the number of processes is
     # part of the key, since each rank scores its half of every micro-batch); the rows gathered in data order,
     # fp32 rounding apart (observed 2e-7 relative): each half-batch is padded to its own longest sequence.
-    assert len(os.listdir(tmp / "cache-fsdp")) == len(os.listdir(tmp / "cache-single")) == 2
-    for x, y in zip(cached_reference_tensors(str(tmp / "cache-single")),
-                    cached_reference_tensors(str(tmp / "cache-fsdp"))):
+    cache_fsdp = launched[0] / "cache-fsdp"
+    assert len(os.listdir(cache_fsdp)) == len(os.listdir(tmp_path / "cache-single")) == 2
+    for x, y in zip(cached_reference_tensors(str(tmp_path / "cache-single")), cached_reference_tensors(cache_fsdp)):
         torch.testing.assert_close(y, x, rtol=1e-5, atol=0)
     # The saved model: full-size weights, still tied, and the single-process run's logits. They differ by Adam's
     # response to fp32 rounding in the gradients (observed 1e-6 on logits of size 1.4); any one weight left at its
@@ -339,46 +424,28 @@ def test_fsdp_two_process_run_gives_the_single_process_loss_curve_cache_and_mode
         torch.testing.assert_close(mf(ids).logits, ms(ids).logits, rtol=0, atol=1e-4)
 
 
-DIE_AT_STEP_4 = """
-import sys
-from fastdpo.train import cli, trainer
-real, calls = trainer.pair_loss, []
-def pair_loss_or_die(policy, *args, **kwargs):     # every rank: killed at step 4 (the reference pass and the
-    if policy.training:                              # evaluations, in eval mode, do not count); the last
-        calls.append(1)                              # checkpoint is step 2
-        if len(calls) == 4:
-            raise RuntimeError("killed")
-    return real(policy, *args, **kwargs)
-trainer.pair_loss = pair_loss_or_die
-sys.exit(cli.main())
-"""
+def test_fsdp_resume_continues_with_the_losses_of_an_uninterrupted_run(launched, launched_again):
+    """Killed at step 4 (the last checkpoint is step 2), resumed in a new launch: the losses of the uninterrupted
+    FSDP run, bitwise."""
+    tmp, _, runs_ = launched
+    assert_ran(runs_, "interrupted", "RuntimeError: killed")
+    with open(tmp / "killed-metrics.jsonl") as f:
+        assert [r["step"] for r in map(json.loads, f) if "loss" in r] == [1, 2, 3]
+    assert_ran(launched_again, "resumed")
+    assert losses(str(tmp / "interrupted")) == losses(launched_run(launched, "fsdp")[1])
 
 
-def test_fsdp_resume_continues_with_the_losses_of_an_uninterrupted_run(fsdp_runs):
-    tmp, options, _, fsdp = fsdp_runs
-    (tmp / "die.py").write_text(DIE_AT_STEP_4)
-    args = ["--fsdp", *flags(**options, output_dir=tmp / "interrupted", cache_dir=tmp / "cache-fsdp")]
-    assert torchrun(29519, *args, script=[str(tmp / "die.py")], check=False).returncode != 0
-    assert [s for s, _ in losses(str(tmp / "interrupted"))] == [1, 2, 3]
-    torchrun(29520, *args, "--resume")
-    assert losses(str(tmp / "interrupted")) == losses(fsdp)
-
-
-def test_fsdp_with_lora_gives_the_single_process_loss_curve(tmp_path):
+def test_fsdp_with_lora_gives_the_single_process_loss_curve(launched, tmp_path):
     """FSDP + LoRA + gradient checkpointing: the single-process curve (checkpointing on in both runs)."""
     pytest.importorskip("peft")
-    options = dict(FSDP_OPTIONS, steps=3, save_every=0, lora_r=4, gradient_checkpointing=True)
-    trainer.train(build({**options, "output_dir": str(tmp_path / "single"), "cache_dir": str(tmp_path / "cache")},
-                        set(options)))
-    torchrun(29521, "--fsdp", *flags(**options, output_dir=tmp_path / "fsdp", cache_dir=tmp_path / "cache-fsdp"))
-    a, b = losses(str(tmp_path / "single")), losses(str(tmp_path / "fsdp"))
-    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
-    torch.testing.assert_close(torch.tensor([l for _, l in a]), torch.tensor([l for _, l in b]), rtol=1e-5, atol=0)
-    for x, y in zip(cached_reference_tensors(str(tmp_path / "cache")),     # the reference pass under FSDP + LoRA
-                    cached_reference_tensors(str(tmp_path / "cache-fsdp"))):
+    options, fsdp = launched_run(launched, "lora")
+    single = single_process(tmp_path, {k: v for k, v in options.items() if k != "fsdp"})
+    assert_same_loss_curve(single, fsdp, 3)
+    for x, y in zip(cached_reference_tensors(str(tmp_path / "cache-single")),     # the reference pass under FSDP + LoRA
+                    cached_reference_tensors(str(launched[0] / "cache-lora"))):
         torch.testing.assert_close(y, x, rtol=1e-5, atol=0)
     from safetensors.torch import load_file
-    sa, sb = (load_file(str(tmp_path / d / "model" / "adapter_model.safetensors")) for d in ("single", "fsdp"))
+    sa, sb = (load_file(os.path.join(d, "model", "adapter_model.safetensors")) for d in (single, fsdp))
     assert {k: v.shape for k, v in sb.items()} == {k: v.shape for k, v in sa.items()}
 
 
