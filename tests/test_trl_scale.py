@@ -178,21 +178,27 @@ def worker(out: str) -> None:
 
 # --------------------------------------------------------------------------------------------------- the tests
 
+def launch(script: str, out: Path, port: int) -> dict:
+    """``torchrun`` of ``script``'s worker over NPROC CPU processes (gloo; DeepSpeed on the CPU), offline, writing
+    ``out``/results.json -> its contents."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(NPROC), "--master-port",
+               str(port), script, str(out)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads((out / "results.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> tuple:
     """The one launch: (its folder, {engine: results})."""
     pytest.importorskip("trl")
     pytest.importorskip("peft")
     out = tmp_path_factory.mktemp("scale")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(NPROC), "--master-port",
-               str(29500 + os.getpid() % 1000), str(Path(__file__)), str(out)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    yield out, json.loads((out / "results.json").read_text())
+    yield out, launch(str(Path(__file__)), out, 29500 + os.getpid() % 1000)
     shutil.rmtree(out, ignore_errors=True)
 
 

@@ -21,14 +21,12 @@ import contextlib
 import functools
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
 SP = 2
 # case id -> options: the ZeRO stage, ref (a separate reference model; else the policy's own, on the fly or
 # precomputed), precompute (precompute_ref_log_probs, run unsplit on each rank's own batches), lora (PEFT LoRA on q
@@ -127,15 +125,9 @@ def worker(out: str) -> None:
 
 
 def _launch(out: Path) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(SP), "--master-port",
-               str(29400 + os.getpid() % 100), str(Path(__file__)), str(out)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads((out / "results.json").read_text())
+    from test_trl_scale import NPROC, launch
+    assert NPROC == SP                  # both ranks form the one group
+    return launch(str(Path(__file__)), out, 29400 + os.getpid() % 100)
 
 
 @pytest.mark.slow
